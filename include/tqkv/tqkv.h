@@ -1,0 +1,189 @@
+/* tqkv: a TurboQuant-compressed KV cache with fused attention over the compressed bytes.
+ *
+ * C ABI. Every function returns a tqkv_status; on failure a message naming the bad parameter
+ * and the allowed values is available from tqkv_last_error() on the calling thread. No function
+ * aborts on user input, and a failed call leaves the cache exactly as it was.
+ *
+ * Thread safety: distinct caches may be used from distinct threads at once. One cache may be
+ * read by tqkv_attend from several threads at once, but must not be appended to, reset or
+ * destroyed while another call uses it.
+ */
+#ifndef TQKV_TQKV_H
+#define TQKV_TQKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(TQKV_SHARED_BUILD)
+#define TQKV_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define TQKV_API __attribute__((visibility("default")))
+#else
+#define TQKV_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TQKV_VERSION_MAJOR 0
+#define TQKV_VERSION_MINOR 1
+#define TQKV_VERSION_PATCH 0
+#define TQKV_VERSION_NUMBER (TQKV_VERSION_MAJOR * 10000 + TQKV_VERSION_MINOR * 100 + TQKV_VERSION_PATCH)
+
+/* Default seed of the rotation's sign vector ("tqkv" in ASCII). docs/format.md gives the generator. */
+#define TQKV_DEFAULT_SEED 0x74716B76ull
+
+/* Values are pinned: they never change meaning between versions. */
+typedef enum tqkv_status {
+  TQKV_OK = 0,
+  TQKV_ERROR_INVALID_ARGUMENT = 1, /* a parameter is outside its allowed values */
+  TQKV_ERROR_UNSUPPORTED = 2,      /* valid in principle, not supported by this build/backend */
+  TQKV_ERROR_CAPACITY = 3,         /* an append would pass the cache's capacity */
+  TQKV_ERROR_NON_FINITE = 4,       /* NaN or Inf in input data, or a value the storage type cannot hold */
+  TQKV_ERROR_OUT_OF_MEMORY = 5,
+  TQKV_ERROR_BACKEND = 6,          /* the backend failed (for example a CUDA error) */
+  TQKV_ERROR_INTERNAL = 7
+} tqkv_status;
+
+/* Storage type of one of K or V. The TQ types are TurboQuant codes of that many bits. */
+typedef enum tqkv_type {
+  TQKV_TYPE_TQ2 = 2,
+  TQKV_TYPE_TQ3 = 3,
+  TQKV_TYPE_TQ4 = 4,
+  TQKV_TYPE_TQ8 = 8,
+  TQKV_TYPE_F16 = 16,
+  TQKV_TYPE_F32 = 32
+} tqkv_type;
+
+/* Element type of input data (appended K/V). Queries and outputs are always f32. */
+typedef enum tqkv_dtype { TQKV_DTYPE_F32 = 0, TQKV_DTYPE_F16 = 1, TQKV_DTYPE_BF16 = 2 } tqkv_dtype;
+
+typedef enum tqkv_layout {
+  TQKV_LAYOUT_LINEAR = 0, /* position p lives in slot p; appending past capacity is an error */
+  TQKV_LAYOUT_RING = 1    /* position p lives in slot p mod capacity (sliding-window layers) */
+} tqkv_layout;
+
+/* Which Lloyd-Max codebook quantizes the rotated coordinates. */
+typedef enum tqkv_codebook {
+  TQKV_CODEBOOK_EXACT = 0,   /* optimal for the exact coordinate law at this head_dim (default) */
+  TQKV_CODEBOOK_GAUSSIAN = 1 /* optimal for N(0,1), the large-d limit */
+} tqkv_codebook;
+
+/* How the one per-vector scale is chosen. Decoding is the same for both. */
+typedef enum tqkv_scale_mode {
+  TQKV_SCALE_NORM = 0, /* the vector's L2 norm */
+  TQKV_SCALE_LSQ = 1   /* least squares: minimises this vector's reconstruction error */
+} tqkv_scale_mode;
+
+typedef enum tqkv_scale_dtype { TQKV_SCALE_F32 = 0, TQKV_SCALE_F16 = 1 } tqkv_scale_dtype;
+
+typedef enum tqkv_backend { TQKV_BACKEND_CPU = 0, TQKV_BACKEND_CUDA = 1 } tqkv_backend;
+
+typedef enum tqkv_mask {
+  TQKV_MASK_NONE = 0,   /* every stored position */
+  TQKV_MASK_CAUSAL = 1, /* positions <= the query position */
+  TQKV_MASK_WINDOW = 2  /* positions in (q_pos - window, q_pos] */
+} tqkv_mask;
+
+typedef struct tqkv_cache_config {
+  uint32_t head_dim;     /* 64, 128, 256 or 512 */
+  uint32_t num_kv_heads; /* >= 1 */
+  uint32_t num_seqs;     /* sequences in the batch, >= 1 */
+  uint32_t capacity;     /* slots per sequence and KV head, >= 1 */
+  tqkv_type k_type;
+  tqkv_type v_type;
+  tqkv_layout layout;
+  tqkv_codebook codebook;
+  tqkv_scale_mode scale_mode;
+  tqkv_scale_dtype scale_dtype;
+  tqkv_backend backend;
+  uint64_t seed; /* rotation sign seed */
+} tqkv_cache_config;
+
+typedef struct tqkv_attn_params {
+  uint32_t num_q_heads;    /* a multiple of num_kv_heads */
+  float scale;             /* logit scale, finite and non-zero (usually 1/sqrt(head_dim)) */
+  float softcap;           /* 0 = off; else > 0 and finite: s -> softcap * tanh(s / softcap) */
+  tqkv_mask mask;
+  uint32_t window;         /* TQKV_MASK_WINDOW only: >= 1 */
+  const int64_t* q_pos;    /* [num_seqs] query positions, or NULL = each sequence's last position */
+  const float* sinks;      /* [num_q_heads] sink logits joining each softmax denominator, or NULL */
+  uint32_t num_threads;    /* CPU: 0 = all available */
+} tqkv_attn_params;
+
+typedef struct tqkv_memory_info {
+  uint64_t k_bytes_per_token; /* K bytes per token per layer, all KV heads, scales included */
+  uint64_t v_bytes_per_token;
+  uint64_t bytes_per_token;   /* k + v */
+  uint64_t total_bytes;       /* bytes of K, V and scales held for all slots of all sequences */
+} tqkv_memory_info;
+
+typedef struct tqkv_cache tqkv_cache; /* opaque: one layer's K and V cache */
+
+/* ---- library ---- */
+TQKV_API uint32_t tqkv_version_number(void);
+TQKV_API const char* tqkv_version_string(void);
+TQKV_API const char* tqkv_status_string(tqkv_status status);
+/* Message of the last failed call on this thread ("" if none). Valid until the next call. */
+TQKV_API const char* tqkv_last_error(void);
+/* Whether a backend is compiled in and has a usable device. */
+TQKV_API int tqkv_backend_available(tqkv_backend backend);
+
+/* ---- cache ---- */
+/* Fills *config with defaults: head_dim 128, 1 KV head, 1 sequence, capacity 4096, K4/V4, linear,
+ * exact codebook, LSQ or norm scale as docs/format.md says, f32 scales, CPU, default seed. */
+TQKV_API tqkv_status tqkv_cache_config_init(tqkv_cache_config* config);
+TQKV_API tqkv_status tqkv_cache_create(const tqkv_cache_config* config, tqkv_cache** out);
+TQKV_API void tqkv_cache_destroy(tqkv_cache* cache); /* NULL is a no-op */
+TQKV_API tqkv_status tqkv_cache_get_config(const tqkv_cache* cache, tqkv_cache_config* out);
+
+/* Appends n_tokens tokens to sequence seq. k and v are [n_tokens][num_kv_heads][head_dim] of
+ * dtype, contiguous. All of the input is checked (finite, representable) before anything is
+ * written; on any error the cache is unchanged. */
+TQKV_API tqkv_status tqkv_cache_append(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens,
+                                       tqkv_dtype dtype, const void* k, const void* v);
+/* Appends counts[s] tokens to every sequence s at once. k and v hold the tokens of sequence 0,
+ * then sequence 1, ..., each [counts[s]][num_kv_heads][head_dim]. All-or-nothing. */
+TQKV_API tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* counts,
+                                             tqkv_dtype dtype, const void* k, const void* v);
+/* Number of positions appended to seq since creation or reset (may exceed capacity in ring mode). */
+TQKV_API tqkv_status tqkv_cache_length(const tqkv_cache* cache, uint32_t seq, int64_t* out);
+TQKV_API tqkv_status tqkv_cache_reset(tqkv_cache* cache, uint32_t seq);
+TQKV_API tqkv_status tqkv_cache_memory(const tqkv_cache* cache, tqkv_memory_info* out);
+/* Memory figures for a configuration without creating it. */
+TQKV_API tqkv_status tqkv_config_memory(const tqkv_cache_config* config, tqkv_memory_info* out);
+
+/* Reads stored rows back, decoded to f32 in the original (unrotated) domain.
+ * out is [n][num_kv_heads][head_dim] for positions first..first+n-1 of seq; which = 0 for K, 1 for V.
+ * Every position must still be resident. */
+TQKV_API tqkv_status tqkv_cache_read(const tqkv_cache* cache, uint32_t seq, int which,
+                                     int64_t first, uint32_t n, float* out);
+
+/* ---- attention ---- */
+/* Decode attention: one query token per sequence.
+ * q:   [num_seqs][num_q_heads][head_dim] f32.
+ * out: [num_seqs][num_q_heads][head_dim] f32.
+ * lse: [num_seqs][num_q_heads] natural-log log-sum-exp of the (scaled, softcapped) logits, sink
+ *      included, or NULL. A sequence with no visible position gets out = 0 and lse = -inf
+ *      (or the sink logit when sinks are given). */
+TQKV_API tqkv_status tqkv_attend(const tqkv_cache* cache, const tqkv_attn_params* params,
+                                 const float* q, float* out, float* lse);
+/* The same attention computed by the float64 reference on the decoded cache (slow; for checks). */
+TQKV_API tqkv_status tqkv_attend_reference(const tqkv_cache* cache, const tqkv_attn_params* params,
+                                           const float* q, float* out, float* lse);
+
+/* ---- counters (trace that the compressed path really ran) ---- */
+typedef struct tqkv_counters {
+  uint64_t compressed_rows_read; /* K and V rows decoded inside fused attention */
+  uint64_t dense_rows_read;      /* rows read by the dense f16/f32 kernels */
+  uint64_t rows_encoded;         /* rows quantized on append */
+  uint64_t attend_calls;
+} tqkv_counters;
+TQKV_API void tqkv_counters_get(tqkv_counters* out);
+TQKV_API void tqkv_counters_reset(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TQKV_TQKV_H */
