@@ -1,0 +1,94 @@
+#include "core/attn_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <thread>
+
+#include "core/error.h"
+
+namespace tqkv::core {
+
+static std::string num(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
+  if (p == nullptr) invalid("params: NULL; must point to a tqkv_attn_params");
+  if (q == nullptr) invalid("q: NULL; must point to num_seqs * num_q_heads * head_dim floats");
+  if (out == nullptr) invalid("out: NULL; must point to num_seqs * num_q_heads * head_dim floats");
+  const uint32_t hkv = c.num_kv_heads();
+  if (p->num_q_heads == 0 || p->num_q_heads % hkv != 0)
+    invalid("num_q_heads: " + std::to_string(p->num_q_heads) + " is invalid; must be a positive multiple of num_kv_heads (" +
+            std::to_string(hkv) + ")");
+  if (!std::isfinite(p->scale) || p->scale == 0.0f)
+    invalid("scale: " + num(p->scale) + " is invalid; must be finite and non-zero");
+  if (!std::isfinite(p->softcap) || p->softcap < 0.0f)
+    invalid("softcap: " + num(p->softcap) + " is invalid; allowed: 0 (off) or a finite value > 0");
+  if (p->mask != TQKV_MASK_NONE && p->mask != TQKV_MASK_CAUSAL && p->mask != TQKV_MASK_WINDOW)
+    invalid("mask: " + std::to_string(int(p->mask)) + " is invalid; allowed: 0 (none), 1 (causal), 2 (window)");
+  if (p->mask == TQKV_MASK_WINDOW) {
+    if (p->window == 0) invalid("window: 0 is invalid with TQKV_MASK_WINDOW; must be >= 1");
+    if (c.ring() && p->window > c.capacity())
+      invalid("window: " + std::to_string(p->window) + " is larger than the ring capacity " +
+              std::to_string(c.capacity()) + "; a ring cache holds only the last capacity positions");
+  }
+  if (p->sinks)
+    for (uint32_t h = 0; h < p->num_q_heads; ++h)
+      if (!std::isfinite(p->sinks[h]))
+        fail(TQKV_ERROR_NON_FINITE, "sinks[" + std::to_string(h) + "]: " + num(p->sinks[h]) + " is not finite");
+
+  AttnPlan plan;
+  plan.num_q_heads = p->num_q_heads;
+  plan.group = p->num_q_heads / hkv;
+  plan.scale = p->scale;
+  plan.softcap = p->softcap;
+  plan.sinks = p->sinks;
+  plan.num_threads = p->num_threads ? p->num_threads : std::max(1u, std::thread::hardware_concurrency());
+  plan.ranges.resize(c.num_seqs());
+  for (uint32_t s = 0; s < c.num_seqs(); ++s) {
+    const int64_t len = c.length(s);
+    const int64_t resident = c.first_resident(s);
+    int64_t qp = len - 1;
+    if (p->q_pos) {
+      qp = p->q_pos[s];
+      if (qp < 0 || qp >= len)
+        invalid("q_pos[" + std::to_string(s) + "]: " + std::to_string(qp) + " is out of range; sequence " +
+                std::to_string(s) + " holds positions 0 .. " + std::to_string(len - 1));
+    }
+    VisibleRange r;
+    switch (p->mask) {
+      case TQKV_MASK_NONE: r = {0, len}; break;
+      case TQKV_MASK_CAUSAL: r = {0, qp + 1}; break;
+      case TQKV_MASK_WINDOW: r = {std::max<int64_t>(0, qp - int64_t(p->window) + 1), qp + 1}; break;
+    }
+    if (r.size() > 0 && r.lo < resident)
+      invalid("mask: sequence " + std::to_string(s) + " needs positions from " + std::to_string(r.lo) +
+              " but the ring cache holds only " + std::to_string(resident) + " .. " + std::to_string(len - 1) +
+              "; use TQKV_MASK_WINDOW with window <= capacity (" + std::to_string(c.capacity()) + ")");
+    plan.ranges[s] = r;
+  }
+  const size_t nq = size_t(c.num_seqs()) * p->num_q_heads * c.head_dim();
+  for (size_t i = 0; i < nq; ++i)
+    if (!std::isfinite(q[i]))
+      fail(TQKV_ERROR_NON_FINITE, "q: non-finite value at index " + std::to_string(i));
+  return plan;
+}
+
+int slot_runs(const Cache& c, int64_t lo, int64_t hi, SlotRun runs[2]) {
+  if (hi <= lo) return 0;
+  const uint32_t first = c.slot_of(lo);
+  const int64_t n = hi - lo;
+  const int64_t until_wrap = c.ring() ? int64_t(c.capacity()) - first : n;
+  if (n <= until_wrap) {
+    runs[0] = {first, static_cast<uint32_t>(n)};
+    return 1;
+  }
+  runs[0] = {first, static_cast<uint32_t>(until_wrap)};
+  runs[1] = {0, static_cast<uint32_t>(n - until_wrap)};
+  return 2;
+}
+
+}  // namespace tqkv::core

@@ -1,0 +1,36 @@
+// Validation of attention parameters, and the one place masks are interpreted: every mask
+// becomes a contiguous range of logical positions per sequence, which every backend then walks.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/cache.h"
+#include "tqkv/tqkv.h"
+
+namespace tqkv::core {
+
+struct VisibleRange {
+  int64_t lo = 0, hi = 0;  // logical positions [lo, hi); empty when hi <= lo
+  int64_t size() const { return hi > lo ? hi - lo : 0; }
+};
+
+struct AttnPlan {
+  uint32_t num_q_heads = 0;
+  uint32_t group = 0;  // query heads per KV head
+  float scale = 1, softcap = 0;
+  const float* sinks = nullptr;
+  uint32_t num_threads = 1;
+  std::vector<VisibleRange> ranges;  // [num_seqs]
+};
+
+// Throws tqkv::Error naming the invalid parameter. Checks q for non-finite values.
+AttnPlan plan_attention(const Cache& cache, const tqkv_attn_params* params, const float* q, const float* out);
+
+// A run of physical slots holding consecutive logical positions.
+struct SlotRun {
+  uint32_t slot = 0, n = 0;
+};
+// Splits logical positions [lo, hi) into at most two slot runs (ring buffers wrap once).
+int slot_runs(const Cache& cache, int64_t lo, int64_t hi, SlotRun runs[2]);
+
+}  // namespace tqkv::core
