@@ -34,7 +34,9 @@ extern "C" {
 /* Default seed of the rotation's sign vector ("tqkv" in ASCII). docs/format.md gives the generator. */
 #define TQKV_DEFAULT_SEED 0x74716B76ull
 
-/* Values are pinned: they never change meaning between versions. */
+/* Values are pinned: they never change meaning between versions. Every enum has a *_MAX_ENUM
+ * member so that it is 32 bits wide and any value a C caller passes is representable (and rejected
+ * with a clear error if invalid). */
 typedef enum tqkv_status {
   TQKV_OK = 0,
   TQKV_ERROR_INVALID_ARGUMENT = 1, /* a parameter is outside its allowed values */
@@ -43,7 +45,8 @@ typedef enum tqkv_status {
   TQKV_ERROR_NON_FINITE = 4,       /* NaN or Inf in input data, or a value the storage type cannot hold */
   TQKV_ERROR_OUT_OF_MEMORY = 5,
   TQKV_ERROR_BACKEND = 6,          /* the backend failed (for example a CUDA error) */
-  TQKV_ERROR_INTERNAL = 7
+  TQKV_ERROR_INTERNAL = 7,
+  TQKV_STATUS_MAX_ENUM = 0x7FFFFFFF
 } tqkv_status;
 
 /* Storage type of one of K or V. The TQ types are TurboQuant codes of that many bits. */
@@ -53,37 +56,55 @@ typedef enum tqkv_type {
   TQKV_TYPE_TQ4 = 4,
   TQKV_TYPE_TQ8 = 8,
   TQKV_TYPE_F16 = 16,
-  TQKV_TYPE_F32 = 32
+  TQKV_TYPE_F32 = 32,
+  TQKV_TYPE_MAX_ENUM = 0x7FFFFFFF
 } tqkv_type;
 
 /* Element type of input data (appended K/V). Queries and outputs are always f32. */
-typedef enum tqkv_dtype { TQKV_DTYPE_F32 = 0, TQKV_DTYPE_F16 = 1, TQKV_DTYPE_BF16 = 2 } tqkv_dtype;
+typedef enum tqkv_dtype {
+  TQKV_DTYPE_F32 = 0,
+  TQKV_DTYPE_F16 = 1,
+  TQKV_DTYPE_BF16 = 2,
+  TQKV_DTYPE_MAX_ENUM = 0x7FFFFFFF
+} tqkv_dtype;
 
 typedef enum tqkv_layout {
   TQKV_LAYOUT_LINEAR = 0, /* position p lives in slot p; appending past capacity is an error */
-  TQKV_LAYOUT_RING = 1    /* position p lives in slot p mod capacity (sliding-window layers) */
+  TQKV_LAYOUT_RING = 1,   /* position p lives in slot p mod capacity (sliding-window layers) */
+  TQKV_LAYOUT_MAX_ENUM = 0x7FFFFFFF
 } tqkv_layout;
 
 /* Which Lloyd-Max codebook quantizes the rotated coordinates. */
 typedef enum tqkv_codebook {
   TQKV_CODEBOOK_EXACT = 0,   /* optimal for the exact coordinate law at this head_dim (default) */
-  TQKV_CODEBOOK_GAUSSIAN = 1 /* optimal for N(0,1), the large-d limit */
+  TQKV_CODEBOOK_GAUSSIAN = 1, /* optimal for N(0,1), the large-d limit */
+  TQKV_CODEBOOK_MAX_ENUM = 0x7FFFFFFF
 } tqkv_codebook;
 
 /* How the one per-vector scale is chosen. Decoding is the same for both. */
 typedef enum tqkv_scale_mode {
   TQKV_SCALE_NORM = 0, /* the vector's L2 norm */
-  TQKV_SCALE_LSQ = 1   /* least squares: minimises this vector's reconstruction error */
+  TQKV_SCALE_LSQ = 1,  /* least squares: minimises this vector's reconstruction error */
+  TQKV_SCALE_MODE_MAX_ENUM = 0x7FFFFFFF
 } tqkv_scale_mode;
 
-typedef enum tqkv_scale_dtype { TQKV_SCALE_F32 = 0, TQKV_SCALE_F16 = 1 } tqkv_scale_dtype;
+typedef enum tqkv_scale_dtype {
+  TQKV_SCALE_F32 = 0,
+  TQKV_SCALE_F16 = 1,
+  TQKV_SCALE_DTYPE_MAX_ENUM = 0x7FFFFFFF
+} tqkv_scale_dtype;
 
-typedef enum tqkv_backend { TQKV_BACKEND_CPU = 0, TQKV_BACKEND_CUDA = 1 } tqkv_backend;
+typedef enum tqkv_backend {
+  TQKV_BACKEND_CPU = 0,
+  TQKV_BACKEND_CUDA = 1,
+  TQKV_BACKEND_MAX_ENUM = 0x7FFFFFFF
+} tqkv_backend;
 
 typedef enum tqkv_mask {
   TQKV_MASK_NONE = 0,   /* every stored position */
   TQKV_MASK_CAUSAL = 1, /* positions <= the query position */
-  TQKV_MASK_WINDOW = 2  /* positions in (q_pos - window, q_pos] */
+  TQKV_MASK_WINDOW = 2, /* positions in (q_pos - window, q_pos] */
+  TQKV_MASK_MAX_ENUM = 0x7FFFFFFF
 } tqkv_mask;
 
 typedef struct tqkv_cache_config {

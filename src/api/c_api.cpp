@@ -10,6 +10,7 @@
 #include "core/cache.h"
 #include "core/error.h"
 #include "cpu/attention.h"
+#include "api/handle.h"
 #include "tqkv/tqkv.h"
 
 #ifdef TQKV_HAVE_CUDA
@@ -62,6 +63,10 @@ void need(const void* p, const char* what) {
 
 }  // namespace
 
+namespace tqkv::api {
+const core::Cache& unwrap(const tqkv_cache* cache) { return cache_ref(cache); }
+}  // namespace tqkv::api
+
 extern "C" {
 
 uint32_t tqkv_version_number(void) { return TQKV_VERSION_NUMBER; }
@@ -82,6 +87,7 @@ const char* tqkv_status_string(tqkv_status s) {
     case TQKV_ERROR_OUT_OF_MEMORY: return "out of memory";
     case TQKV_ERROR_BACKEND: return "backend error";
     case TQKV_ERROR_INTERNAL: return "internal error";
+    default: break;
   }
   return "unknown status";
 }

@@ -63,6 +63,7 @@ AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* 
       case TQKV_MASK_NONE: r = {0, len}; break;
       case TQKV_MASK_CAUSAL: r = {0, qp + 1}; break;
       case TQKV_MASK_WINDOW: r = {std::max<int64_t>(0, qp - int64_t(p->window) + 1), qp + 1}; break;
+      default: break;  // rejected above
     }
     if (r.size() > 0 && r.lo < resident)
       invalid("mask: sequence " + std::to_string(s) + " needs positions from " + std::to_string(r.lo) +

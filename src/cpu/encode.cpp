@@ -23,6 +23,7 @@ void to_f32(tqkv_dtype dtype, const void* src, size_t n, float* dst) {
       for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
       return;
     }
+    default: break;
   }
   invalid("dtype: " + std::to_string(int(dtype)) + " is not an input type; allowed: 0 (f32), 1 (f16), 2 (bf16)");
 }
