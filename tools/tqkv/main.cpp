@@ -1,0 +1,124 @@
+// tqkv: codec statistics, memory figures and attention benchmarks from the command line.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <cstdio>
+
+#include "cli.h"
+#include "core/format.h"
+#include "cpu/kernel.h"
+#include "tqkv/tqkv.hpp"
+
+using namespace tqkv;
+
+namespace {
+
+// The default job: the codec table and a side-by-side attention benchmark on embedded shapes.
+int run_default() {
+  ::fmt::print("tqkv {} (CPU SIMD target: {})\n\n", tqkv_version_string(), cpu::simd_target_name());
+  std::vector<nlohmann::json> rows;
+  for (uint32_t bits : {2u, 3u, 4u, 8u}) {
+    cli::CodecStatsOptions o;
+    o.dim = 128;
+    o.bits = bits;
+    o.samples = 4000;
+    rows.push_back(cli::codec_stats(o));
+  }
+  ::fmt::print("codec on random unit vectors (d=128, MSE per unit vector; paper: TurboQuant Thm. 1)\n");
+  cli::print_codec_table(rows);
+  for (uint32_t context : {4096u, 16384u}) {
+    cli::BenchOptions b;  // Llama-3-8B-like layer: D=128, 32 query heads over 8 KV heads
+    b.context = context;
+    b.quiet = true;
+    ::fmt::print("\n");
+    cli::print_bench_table(cli::bench_attention(b));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tqkv: TurboQuant-compressed KV cache with fused attention"};
+  app.require_subcommand(0, 1);
+  app.set_version_flag("--version", tqkv_version_string());
+
+  cli::CodecStatsOptions cs;
+  auto* codec = app.add_subcommand("codec-stats", "Codec error on random unit vectors next to the paper's figures");
+  codec->add_option("--dim", cs.dim, "head_dim: 64, 128, 256 or 512")->capture_default_str();
+  codec->add_option("--bits", cs.bits, "bits per coordinate: 2, 3, 4 or 8")->capture_default_str();
+  codec->add_option("--samples", cs.samples, "random vectors to encode")->capture_default_str();
+  codec->add_option("--codebook", cs.codebook, "exact or gaussian")->capture_default_str();
+  codec->add_option("--scale", cs.scale, "norm or lsq")->capture_default_str();
+  codec->add_option("--seed", cs.seed, "random seed")->capture_default_str();
+  codec->add_flag("--json", cs.json, "print JSON");
+
+  cli::BenchOptions bo;
+  std::string kbits = "4", vbits = "4";
+  auto* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  auto* attn = bench->add_subcommand("attention", "Decode attention: compressed vs dense f32 and f16 caches, one run");
+  attn->add_option("--backend", bo.backend, "cpu")->capture_default_str();
+  attn->add_option("--dim", bo.dim, "head_dim")->capture_default_str();
+  attn->add_option("--q-heads", bo.q_heads, "query heads")->capture_default_str();
+  attn->add_option("--kv-heads", bo.kv_heads, "KV heads")->capture_default_str();
+  attn->add_option("--context", bo.context, "positions per sequence")->capture_default_str();
+  attn->add_option("--batch", bo.batch, "sequences")->capture_default_str();
+  attn->add_option("--kbits", kbits, "K type: 2, 3, 4, 8, f16, f32")->capture_default_str();
+  attn->add_option("--vbits", vbits, "V type: 2, 3, 4, 8, f16, f32")->capture_default_str();
+  attn->add_option("--threads", bo.threads, "threads (0 = all)")->capture_default_str();
+  attn->add_option("--warmup", bo.warmup, "untimed calls first")->capture_default_str();
+  attn->add_option("--repeats", bo.repeats, "timed calls (median reported)")->capture_default_str();
+  attn->add_flag("--json", bo.json, "print JSON");
+
+  uint32_t md = 128, mh = 8;
+  std::string mk = "4", mv = "4";
+  auto* memory = app.add_subcommand("memory", "KV bytes per token per layer for a cache configuration");
+  memory->add_option("--dim", md, "head_dim")->capture_default_str();
+  memory->add_option("--kv-heads", mh, "KV heads")->capture_default_str();
+  memory->add_option("--kbits", mk, "K type: 2, 3, 4, 8, f16, f32")->capture_default_str();
+  memory->add_option("--vbits", mv, "V type: 2, 3, 4, 8, f16, f32")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (codec->parsed()) {
+      const auto r = cli::codec_stats(cs);
+      if (cs.json) ::fmt::print("{}\n", r.dump(2));
+      else cli::print_codec_table({r});
+    } else if (attn->parsed()) {
+      bo.kbits = cli::parse_type(kbits, "--kbits");
+      bo.vbits = cli::parse_type(vbits, "--vbits");
+      bo.quiet = bo.json;
+      const auto r = cli::bench_attention(bo);
+      if (bo.json) ::fmt::print("{}\n", r.dump(2));
+      else cli::print_bench_table(r);
+    } else if (memory->parsed()) {
+      CacheConfig cfg;
+      cfg.dims(md, mh);
+      cfg.k_type = static_cast<tqkv_type>(cli::parse_type(mk, "--kbits"));
+      cfg.v_type = static_cast<tqkv_type>(cli::parse_type(mv, "--vbits"));
+      tqkv_memory_info m;
+      check(tqkv_config_memory(&cfg, &m));
+      CacheConfig f16 = cfg;
+      f16.k_type = f16.v_type = TQKV_TYPE_F16;
+      tqkv_memory_info mf;
+      check(tqkv_config_memory(&f16, &mf));
+      ::fmt::print("K {} + V {}: {} bytes per token per layer (K {}, V {}); f16 cache {} ({:.2f}x smaller)\n",
+                   cli::type_name(cfg.k_type), cli::type_name(cfg.v_type), m.bytes_per_token, m.k_bytes_per_token,
+                   m.v_bytes_per_token, mf.bytes_per_token, double(mf.bytes_per_token) / double(m.bytes_per_token));
+    } else {
+      return run_default();
+    }
+  } catch (const Error& e) {
+    ::fmt::print(stderr, "tqkv: error: {}\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    ::fmt::print(stderr, "tqkv: error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}
