@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -362,4 +364,57 @@ TEST(Attention, InvalidParametersAreRejected) {
   EXPECT_EQ(tqkv_attend(cache.get(), &ok, q.data(), nullptr, nullptr), TQKV_ERROR_INVALID_ARGUMENT);
   EXPECT_EQ(tqkv_attend(nullptr, &ok, q.data(), out.data(), nullptr), TQKV_ERROR_INVALID_ARGUMENT);
   EXPECT_EQ(cache.length(0), 20);  // nothing changed
+}
+
+// Codec loss, as opposed to kernel exactness: the fused output on the compressed cache against
+// float64 attention on the original (never quantized) vectors. Reported, and bounded loosely
+// enough to hold for any valid codec but tightly enough to catch a broken or idle one.
+TEST(Attention, CodecLossAgainstOriginalVectors) {
+  const uint32_t d = 128, hkv = 2, g = 4, hq = hkv * g, n = 2048;
+  std::mt19937_64 rng(test::fresh_seed());
+  auto k = test::gaussian(size_t(n) * hkv * d, rng), v = test::gaussian(size_t(n) * hkv * d, rng);
+  auto q = test::gaussian(size_t(hq) * d, rng);
+  const float scale = 1.0f / std::sqrt(float(d));
+  // float64 attention on the original vectors
+  std::vector<float> exact(size_t(hq) * d);
+  for (uint32_t h = 0; h < hq; ++h) {
+    const uint32_t kvh = h / g;
+    std::vector<double> logit(n), o(d, 0.0);
+    double m = -1e300, sum = 0;
+    for (uint32_t j = 0; j < n; ++j) {
+      double dot = 0;
+      for (uint32_t i = 0; i < d; ++i) dot += double(q[h * d + i]) * k[(size_t(j) * hkv + kvh) * d + i];
+      logit[j] = scale * dot;
+      m = std::max(m, logit[j]);
+    }
+    for (uint32_t j = 0; j < n; ++j) {
+      const double p = std::exp(logit[j] - m);
+      sum += p;
+      for (uint32_t i = 0; i < d; ++i) o[i] += p * v[(size_t(j) * hkv + kvh) * d + i];
+    }
+    for (uint32_t i = 0; i < d; ++i) exact[h * d + i] = float(o[i] / sum);
+  }
+  std::map<int, double> err;
+  for (Type t : {Type::tq2, Type::tq3, Type::tq4, Type::tq8, Type::f16, Type::f32}) {
+    CacheConfig cfg;
+    cfg.dims(d, hkv).types(t, t).seqs(1, n);
+    Cache cache(cfg);
+    cache.append(0, k, v);
+    std::vector<float> out(exact.size());
+    test::poison(out);
+    cache.attend(AttnParams(hq, scale), q, out);
+    err[int(t)] = test::rel_err(out, exact);
+    RecordProperty("codec_loss_" + std::to_string(int(t)), std::to_string(err[int(t)]));
+    std::printf("codec loss K%d/V%d: output rel. error %.4g\n", int(t), int(t), err[int(t)]);
+  }
+  EXPECT_GT(err[2], err[3]);
+  EXPECT_GT(err[3], err[4]);
+  EXPECT_GT(err[4], err[8]);
+  EXPECT_GT(err[8], err[16]);
+  EXPECT_LT(err[2], 0.8);
+  EXPECT_LT(err[4], 0.2);
+  EXPECT_LT(err[8], 0.015);
+  EXPECT_LT(err[16], 2e-3);
+  EXPECT_LT(err[32], 2e-5);
+  EXPECT_GT(err[4], 0.005);  // a 4-bit codec that loses nothing is not quantizing
 }
