@@ -46,6 +46,7 @@ typedef enum tqkv_status {
   TQKV_ERROR_OUT_OF_MEMORY = 5,
   TQKV_ERROR_BACKEND = 6,          /* the backend failed (for example a CUDA error) */
   TQKV_ERROR_INTERNAL = 7,
+  TQKV_ERROR_IO = 8,               /* a file is missing, unreadable, truncated or corrupt */
   TQKV_STATUS_MAX_ENUM = 0x7FFFFFFF
 } tqkv_status;
 

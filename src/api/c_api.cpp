@@ -87,6 +87,7 @@ const char* tqkv_status_string(tqkv_status s) {
     case TQKV_ERROR_OUT_OF_MEMORY: return "out of memory";
     case TQKV_ERROR_BACKEND: return "backend error";
     case TQKV_ERROR_INTERNAL: return "internal error";
+    case TQKV_ERROR_IO: return "file error";
     default: break;
   }
   return "unknown status";
