@@ -164,8 +164,10 @@ TEST(Codec, RoundTripErrorMatchesTheCodebookForEveryTypeAndHeadDim) {
       Codec c(t, d);
       std::vector<double> cents(c.p.cb.centroids, c.p.cb.centroids + c.p.cb.levels);
       const double expect = core::codebook_mse(cents, d);
-      const double got = measured_mse(c, 400, test::fresh_seed());
-      EXPECT_NEAR(got, expect, 0.08 * expect) << "d=" << d << " bits=" << t;
+      // The 8-bit error is dominated by rare tail coordinates (|u| > 4.6 lands in wide outer
+      // cells), so its sample mean swings by several percent even over 400k coordinates.
+      const double got = measured_mse(c, int(400000 / d), test::fresh_seed());
+      EXPECT_NEAR(got, expect, (t == 8 ? 0.15 : 0.05) * expect) << "d=" << d << " bits=" << t;
     }
 }
 

@@ -50,7 +50,10 @@ typedef enum tqkv_status {
   TQKV_STATUS_MAX_ENUM = 0x7FFFFFFF
 } tqkv_status;
 
-/* Storage type of one of K or V. The TQ types are TurboQuant codes of that many bits. */
+/* Storage type of one of K or V. The TQ types are TurboQuant codes of that many bits. Q8_0 and
+ * Q4_0 are llama.cpp's block formats (32 values, one f16 scale), stored as-is (the baselines a
+ * quantized llama.cpp cache uses); the _HAD variants rotate each vector with the same
+ * randomized Hadamard transform as TQ first (llama.cpp's rotation of quantized caches). */
 typedef enum tqkv_type {
   TQKV_TYPE_TQ2 = 2,
   TQKV_TYPE_TQ3 = 3,
@@ -58,6 +61,10 @@ typedef enum tqkv_type {
   TQKV_TYPE_TQ8 = 8,
   TQKV_TYPE_F16 = 16,
   TQKV_TYPE_F32 = 32,
+  TQKV_TYPE_Q4_0 = 40,
+  TQKV_TYPE_Q8_0 = 80,
+  TQKV_TYPE_Q4_0_HAD = 41,
+  TQKV_TYPE_Q8_0_HAD = 81,
   TQKV_TYPE_MAX_ENUM = 0x7FFFFFFF
 } tqkv_type;
 
@@ -195,10 +202,22 @@ TQKV_API tqkv_status tqkv_attend(const tqkv_cache* cache, const tqkv_attn_params
 TQKV_API tqkv_status tqkv_attend_reference(const tqkv_cache* cache, const tqkv_attn_params* params,
                                            const float* q, float* out, float* lse);
 
+/* Attention for n_q query tokens of one sequence, for chunked prefill: append a chunk of tokens,
+ * then let each of them attend over the cache as decode would. Query i sits at position q_pos[i]
+ * (non-decreasing, each < the sequence's length); with TQKV_MASK_CAUSAL it sees positions
+ * <= q_pos[i], with TQKV_MASK_WINDOW positions in (q_pos[i] - window, q_pos[i]].
+ * q, out: [n_q][num_q_heads][head_dim]; lse: [n_q][num_q_heads] or NULL. params->q_pos must be NULL. */
+TQKV_API tqkv_status tqkv_attend_seq(const tqkv_cache* cache, uint32_t seq, uint32_t n_q, const int64_t* q_pos,
+                                     const tqkv_attn_params* params, const float* q, float* out, float* lse);
+TQKV_API tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t seq, uint32_t n_q,
+                                               const int64_t* q_pos, const tqkv_attn_params* params,
+                                               const float* q, float* out, float* lse);
+
 /* ---- counters (trace that the compressed path really ran) ---- */
 typedef struct tqkv_counters {
-  uint64_t compressed_rows_read; /* K and V rows decoded inside fused attention */
-  uint64_t dense_rows_read;      /* rows read by the dense f16/f32 kernels */
+  uint64_t compressed_rows_read; /* TurboQuant K and V rows decoded inside fused attention */
+  uint64_t block_rows_read;      /* q8_0 / q4_0 rows decoded inside fused attention */
+  uint64_t dense_rows_read;      /* f16 / f32 rows read by fused attention */
   uint64_t rows_encoded;         /* rows quantized on append */
   uint64_t attend_calls;
 } tqkv_counters;

@@ -24,7 +24,10 @@ inline void check(tqkv_status s) {
   if (s != TQKV_OK) throw Error(s, tqkv_last_error());
 }
 
-enum class Type : uint32_t { tq2 = TQKV_TYPE_TQ2, tq3 = TQKV_TYPE_TQ3, tq4 = TQKV_TYPE_TQ4, tq8 = TQKV_TYPE_TQ8, f16 = TQKV_TYPE_F16, f32 = TQKV_TYPE_F32 };
+enum class Type : uint32_t {
+  tq2 = TQKV_TYPE_TQ2, tq3 = TQKV_TYPE_TQ3, tq4 = TQKV_TYPE_TQ4, tq8 = TQKV_TYPE_TQ8, f16 = TQKV_TYPE_F16, f32 = TQKV_TYPE_F32,
+  q4_0 = TQKV_TYPE_Q4_0, q8_0 = TQKV_TYPE_Q8_0, q4_0_had = TQKV_TYPE_Q4_0_HAD, q8_0_had = TQKV_TYPE_Q8_0_HAD
+};
 enum class Mask : uint32_t { none = TQKV_MASK_NONE, causal = TQKV_MASK_CAUSAL, window = TQKV_MASK_WINDOW };
 
 // Configuration with the library's defaults; fields as in tqkv_cache_config.
@@ -92,6 +95,19 @@ class Cache {
     check_attend_sizes(p, q.size(), out.size(), lse.size());
     check(tqkv_attend_reference(ptr_.get(), &p, q.data(), out.data(), lse.empty() ? nullptr : lse.data()));
   }
+  // Chunked prefill: n_q = q_pos.size() queries of one sequence (tqkv_attend_seq).
+  void attend_seq(uint32_t seq, std::span<const int64_t> q_pos, const tqkv_attn_params& p, std::span<const float> q,
+                  std::span<float> out, std::span<float> lse = {}) const {
+    check_seq_sizes(p, q_pos.size(), q.size(), out.size(), lse.size());
+    check(tqkv_attend_seq(ptr_.get(), seq, uint32_t(q_pos.size()), q_pos.data(), &p, q.data(), out.data(),
+                          lse.empty() ? nullptr : lse.data()));
+  }
+  void attend_seq_reference(uint32_t seq, std::span<const int64_t> q_pos, const tqkv_attn_params& p,
+                            std::span<const float> q, std::span<float> out, std::span<float> lse = {}) const {
+    check_seq_sizes(p, q_pos.size(), q.size(), out.size(), lse.size());
+    check(tqkv_attend_seq_reference(ptr_.get(), seq, uint32_t(q_pos.size()), q_pos.data(), &p, q.data(), out.data(),
+                                    lse.empty() ? nullptr : lse.data()));
+  }
   // Decoded rows (original domain): which = 0 for K, 1 for V.
   void read(uint32_t seq, int which, int64_t first, uint32_t n, std::span<float> out) const {
     const auto c = config();
@@ -122,6 +138,15 @@ class Cache {
     if (nout < need) throw Error(TQKV_ERROR_INVALID_ARGUMENT, "out: span holds " + std::to_string(nout) + " floats; need " + std::to_string(need));
     if (nlse != 0 && nlse < size_t(c.num_seqs) * p.num_q_heads)
       throw Error(TQKV_ERROR_INVALID_ARGUMENT, "lse: span holds " + std::to_string(nlse) + " floats; need num_seqs * num_q_heads");
+  }
+
+  void check_seq_sizes(const tqkv_attn_params& p, size_t n_q, size_t nq, size_t nout, size_t nlse) const {
+    const auto c = config();
+    const size_t need = n_q * p.num_q_heads * c.head_dim;
+    if (nq < need) throw Error(TQKV_ERROR_INVALID_ARGUMENT, "q: span holds " + std::to_string(nq) + " floats; need " + std::to_string(need));
+    if (nout < need) throw Error(TQKV_ERROR_INVALID_ARGUMENT, "out: span holds " + std::to_string(nout) + " floats; need " + std::to_string(need));
+    if (nlse != 0 && nlse < n_q * p.num_q_heads)
+      throw Error(TQKV_ERROR_INVALID_ARGUMENT, "lse: span holds " + std::to_string(nlse) + " floats; need n_q * num_q_heads");
   }
 
   std::unique_ptr<tqkv_cache, Deleter> ptr_;

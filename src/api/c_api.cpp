@@ -201,10 +201,29 @@ tqkv_status tqkv_attend_reference(const tqkv_cache* cache, const tqkv_attn_param
   });
 }
 
+tqkv_status tqkv_attend_seq(const tqkv_cache* cache, uint32_t seq, uint32_t n_q, const int64_t* q_pos,
+                            const tqkv_attn_params* params, const float* q, float* out, float* lse) {
+  return guarded([&] {
+    const auto& c = cache_ref(cache);
+    const auto plan = tqkv::core::plan_attention_seq(c, seq, n_q, q_pos, params, q, out);
+    tqkv::cpu::attend(c, plan, q, out, lse);
+  });
+}
+
+tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t seq, uint32_t n_q, const int64_t* q_pos,
+                                      const tqkv_attn_params* params, const float* q, float* out, float* lse) {
+  return guarded([&] {
+    const auto& c = cache_ref(cache);
+    const auto plan = tqkv::core::plan_attention_seq(c, seq, n_q, q_pos, params, q, out);
+    tqkv::core::attend_reference(c, plan, q, out, lse);
+  });
+}
+
 void tqkv_counters_get(tqkv_counters* out) {
   if (out == nullptr) return;
   auto& c = tqkv::core::counters();
   out->compressed_rows_read = c.compressed_rows_read.load();
+  out->block_rows_read = c.block_rows_read.load();
   out->dense_rows_read = c.dense_rows_read.load();
   out->rows_encoded = c.rows_encoded.load();
   out->attend_calls = c.attend_calls.load();
@@ -213,6 +232,7 @@ void tqkv_counters_get(tqkv_counters* out) {
 void tqkv_counters_reset(void) {
   auto& c = tqkv::core::counters();
   c.compressed_rows_read = 0;
+  c.block_rows_read = 0;
   c.dense_rows_read = 0;
   c.rows_encoded = 0;
   c.attend_calls = 0;

@@ -11,8 +11,9 @@ void attend_reference(const Cache& c, const AttnPlan& plan, const float* q, floa
   const uint32_t d = c.head_dim(), hkv = c.num_kv_heads(), hq = plan.num_q_heads, g = plan.group;
   const double inf = std::numeric_limits<double>::infinity();
   std::vector<double> keys, vals, logits;
-  for (uint32_t s = 0; s < c.num_seqs(); ++s) {
-    const VisibleRange r = plan.ranges[s];
+  for (size_t qi = 0; qi < plan.queries.size(); ++qi) {
+    const uint32_t s = plan.queries[qi].seq;
+    const VisibleRange r = plan.queries[qi].range;
     const int64_t n = r.size();
     for (uint32_t kvh = 0; kvh < hkv; ++kvh) {
       keys.assign(size_t(n) * d, 0);
@@ -28,7 +29,7 @@ void attend_reference(const Cache& c, const AttnPlan& plan, const float* q, floa
       }
       for (uint32_t hh = 0; hh < g; ++hh) {
         const uint32_t h = kvh * g + hh;
-        const float* qh = q + (size_t(s) * hq + h) * d;
+        const float* qh = q + (qi * hq + h) * d;
         logits.assign(size_t(n), 0);
         double m = plan.sinks ? double(plan.sinks[h]) : -inf;
         for (int64_t j = 0; j < n; ++j) {
@@ -46,9 +47,9 @@ void attend_reference(const Cache& c, const AttnPlan& plan, const float* q, floa
           sum += p;
           for (uint32_t i = 0; i < d; ++i) o[i] += p * vals[size_t(j) * d + i];
         }
-        float* oh = out + (size_t(s) * hq + h) * d;
+        float* oh = out + (qi * hq + h) * d;
         for (uint32_t i = 0; i < d; ++i) oh[i] = sum > 0 && n > 0 ? static_cast<float>(o[i] / sum) : 0.0f;
-        if (lse) lse[size_t(s) * hq + h] = sum > 0 ? static_cast<float>(m + std::log(sum)) : -std::numeric_limits<float>::infinity();
+        if (lse) lse[qi * hq + h] = sum > 0 ? static_cast<float>(m + std::log(sum)) : -std::numeric_limits<float>::infinity();
       }
     }
   }

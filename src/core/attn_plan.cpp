@@ -2,23 +2,25 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <thread>
 
 #include "core/error.h"
 
 namespace tqkv::core {
+namespace {
 
-static std::string num(double x) {
+std::string num(double x) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%g", x);
   return buf;
 }
 
-AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
+AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
   if (p == nullptr) invalid("params: NULL; must point to a tqkv_attn_params");
-  if (q == nullptr) invalid("q: NULL; must point to num_seqs * num_q_heads * head_dim floats");
-  if (out == nullptr) invalid("out: NULL; must point to num_seqs * num_q_heads * head_dim floats");
+  if (q == nullptr) invalid("q: NULL; must point to the queries");
+  if (out == nullptr) invalid("out: NULL; must point to room for the outputs");
   const uint32_t hkv = c.num_kv_heads();
   if (p->num_q_heads == 0 || p->num_q_heads % hkv != 0)
     invalid("num_q_heads: " + std::to_string(p->num_q_heads) + " is invalid; must be a positive multiple of num_kv_heads (" +
@@ -39,7 +41,6 @@ AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* 
     for (uint32_t h = 0; h < p->num_q_heads; ++h)
       if (!std::isfinite(p->sinks[h]))
         fail(TQKV_ERROR_NON_FINITE, "sinks[" + std::to_string(h) + "]: " + num(p->sinks[h]) + " is not finite");
-
   AttnPlan plan;
   plan.num_q_heads = p->num_q_heads;
   plan.group = p->num_q_heads / hkv;
@@ -47,10 +48,39 @@ AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* 
   plan.softcap = p->softcap;
   plan.sinks = p->sinks;
   plan.num_threads = p->num_threads ? p->num_threads : std::max(1u, std::thread::hardware_concurrency());
-  plan.ranges.resize(c.num_seqs());
+  return plan;
+}
+
+// The visible logical range of a query at position qp (len - 1 for "the next token") of seq.
+VisibleRange visible(const Cache& c, const tqkv_attn_params* p, uint32_t seq, int64_t qp, const std::string& who) {
+  const int64_t len = c.length(seq);
+  VisibleRange r;
+  switch (p->mask) {
+    case TQKV_MASK_NONE: r = {0, len}; break;
+    case TQKV_MASK_CAUSAL: r = {0, qp + 1}; break;
+    case TQKV_MASK_WINDOW: r = {std::max<int64_t>(0, qp - int64_t(p->window) + 1), qp + 1}; break;
+    default: break;  // rejected in plan_common
+  }
+  const int64_t resident = c.first_resident(seq);
+  if (r.size() > 0 && r.lo < resident)
+    invalid("mask: " + who + " of sequence " + std::to_string(seq) + " needs positions from " + std::to_string(r.lo) +
+            " but the ring cache holds only " + std::to_string(resident) + " .. " + std::to_string(len - 1) +
+            "; use TQKV_MASK_WINDOW with window <= capacity (" + std::to_string(c.capacity()) + ")");
+  return r;
+}
+
+void check_finite_q(const float* q, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(q[i])) fail(TQKV_ERROR_NON_FINITE, "q: non-finite value at index " + std::to_string(i));
+}
+
+}  // namespace
+
+AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
+  AttnPlan plan = plan_common(c, p, q, out);
+  plan.queries.resize(c.num_seqs());
   for (uint32_t s = 0; s < c.num_seqs(); ++s) {
     const int64_t len = c.length(s);
-    const int64_t resident = c.first_resident(s);
     int64_t qp = len - 1;
     if (p->q_pos) {
       qp = p->q_pos[s];
@@ -58,23 +88,32 @@ AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* 
         invalid("q_pos[" + std::to_string(s) + "]: " + std::to_string(qp) + " is out of range; sequence " +
                 std::to_string(s) + " holds positions 0 .. " + std::to_string(len - 1));
     }
-    VisibleRange r;
-    switch (p->mask) {
-      case TQKV_MASK_NONE: r = {0, len}; break;
-      case TQKV_MASK_CAUSAL: r = {0, qp + 1}; break;
-      case TQKV_MASK_WINDOW: r = {std::max<int64_t>(0, qp - int64_t(p->window) + 1), qp + 1}; break;
-      default: break;  // rejected above
-    }
-    if (r.size() > 0 && r.lo < resident)
-      invalid("mask: sequence " + std::to_string(s) + " needs positions from " + std::to_string(r.lo) +
-              " but the ring cache holds only " + std::to_string(resident) + " .. " + std::to_string(len - 1) +
-              "; use TQKV_MASK_WINDOW with window <= capacity (" + std::to_string(c.capacity()) + ")");
-    plan.ranges[s] = r;
+    plan.queries[s] = {s, visible(c, p, s, qp, "the query")};
   }
-  const size_t nq = size_t(c.num_seqs()) * p->num_q_heads * c.head_dim();
-  for (size_t i = 0; i < nq; ++i)
-    if (!std::isfinite(q[i]))
-      fail(TQKV_ERROR_NON_FINITE, "q: non-finite value at index " + std::to_string(i));
+  check_finite_q(q, size_t(c.num_seqs()) * p->num_q_heads * c.head_dim());
+  return plan;
+}
+
+AttnPlan plan_attention_seq(const Cache& c, uint32_t seq, uint32_t n_q, const int64_t* q_pos,
+                            const tqkv_attn_params* p, const float* q, const float* out) {
+  AttnPlan plan = plan_common(c, p, q, out);
+  if (p->q_pos != nullptr) invalid("params.q_pos: must be NULL for tqkv_attend_seq; pass the positions as q_pos");
+  if (seq >= c.num_seqs())
+    invalid("seq: " + std::to_string(seq) + " is out of range; allowed: 0 .. " + std::to_string(c.num_seqs() - 1));
+  if (n_q > 0 && q_pos == nullptr) invalid("q_pos: NULL; must point to n_q query positions");
+  const int64_t len = c.length(seq);
+  plan.queries.resize(n_q);
+  for (uint32_t i = 0; i < n_q; ++i) {
+    const int64_t qp = q_pos[i];
+    if (qp < 0 || qp >= len)
+      invalid("q_pos[" + std::to_string(i) + "]: " + std::to_string(qp) + " is out of range; sequence " +
+              std::to_string(seq) + " holds positions 0 .. " + std::to_string(len - 1));
+    if (i > 0 && qp < q_pos[i - 1])
+      invalid("q_pos[" + std::to_string(i) + "]: " + std::to_string(qp) + " is smaller than q_pos[" +
+              std::to_string(i - 1) + "] (" + std::to_string(q_pos[i - 1]) + "); positions must be non-decreasing");
+    plan.queries[i] = {seq, visible(c, p, seq, qp, "query " + std::to_string(i))};
+  }
+  check_finite_q(q, size_t(n_q) * p->num_q_heads * c.head_dim());
   return plan;
 }
 

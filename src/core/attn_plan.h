@@ -14,17 +14,30 @@ struct VisibleRange {
   int64_t size() const { return hi > lo ? hi - lo : 0; }
 };
 
+// One query token: row i of q / out / lse belongs to queries[i].
+struct QueryPlan {
+  uint32_t seq = 0;
+  VisibleRange range;
+};
+
 struct AttnPlan {
   uint32_t num_q_heads = 0;
   uint32_t group = 0;  // query heads per KV head
   float scale = 1, softcap = 0;
   const float* sinks = nullptr;
   uint32_t num_threads = 1;
-  std::vector<VisibleRange> ranges;  // [num_seqs]
+  // Queries of one sequence are consecutive with non-decreasing ranges (both ends), which the
+  // fused driver relies on to share every K/V row among a block of queries.
+  std::vector<QueryPlan> queries;
 };
 
-// Throws tqkv::Error naming the invalid parameter. Checks q for non-finite values.
+// Decode: one query per sequence. Throws tqkv::Error naming the invalid parameter; checks q for
+// non-finite values.
 AttnPlan plan_attention(const Cache& cache, const tqkv_attn_params* params, const float* q, const float* out);
+// Several query tokens of one sequence at positions q_pos[0..n_q) (non-decreasing), as in
+// chunked prefill. params->q_pos must be NULL.
+AttnPlan plan_attention_seq(const Cache& cache, uint32_t seq, uint32_t n_q, const int64_t* q_pos,
+                            const tqkv_attn_params* params, const float* q, const float* out);
 
 // A run of physical slots holding consecutive logical positions.
 struct SlotRun {

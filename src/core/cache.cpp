@@ -26,7 +26,9 @@ AlignedBytes aligned_bytes(size_t n) {
   return AlignedBytes(static_cast<uint8_t*>(p));
 }
 
-static std::string type_list() { return "2, 3, 4, 8 (TurboQuant bits), 16 (f16), 32 (f32)"; }
+static std::string type_list() {
+  return "2, 3, 4, 8 (TurboQuant bits), 16 (f16), 32 (f32), 40 (q4_0), 41 (q4_0 rotated), 80 (q8_0), 81 (q8_0 rotated)";
+}
 
 void validate_config(const tqkv_cache_config& c) {
   if (!fmt::valid_head_dim(c.head_dim))
@@ -76,10 +78,8 @@ static void init_plane(Plane& p, uint32_t type, const tqkv_cache_config& c, cons
   p.codec.d = c.head_dim;
   p.codec.lsq = c.scale_mode == TQKV_SCALE_LSQ;
   p.codec.scale_f16 = p.scale_f16;
-  if (fmt::is_tq(type)) {
-    p.codec.cb = codebook(type, c.head_dim, static_cast<CodebookKind>(c.codebook));
-    p.codec.signs = signs;
-  }
+  if (fmt::is_tq(type)) p.codec.cb = codebook(type, c.head_dim, static_cast<CodebookKind>(c.codebook));
+  if (fmt::is_rotated(type)) p.codec.signs = signs;
   p.data = aligned_bytes(rows * p.stride);
   p.scales = aligned_bytes(rows * fmt::scale_bytes(type, p.scale_f16));
 }

@@ -30,7 +30,7 @@ struct Plane {
 
 // Global counters behind tqkv_counters_get: proof that a given path really ran.
 struct Counters {
-  std::atomic<uint64_t> compressed_rows_read{0}, dense_rows_read{0}, rows_encoded{0}, attend_calls{0};
+  std::atomic<uint64_t> compressed_rows_read{0}, block_rows_read{0}, dense_rows_read{0}, rows_encoded{0}, attend_calls{0};
 };
 Counters& counters();
 

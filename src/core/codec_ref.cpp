@@ -1,5 +1,6 @@
 #include "core/codec_ref.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -23,6 +24,49 @@ void store_scale(void* scales, size_t i, float s, bool f16) {
     static_cast<float*>(scales)[i] = s;
 }
 
+// llama.cpp's reference quantizers for its Q8_0 and Q4_0 blocks (rounding rules included), so the
+// baselines carry exactly the error those caches have.
+static void encode_blocks(uint32_t type, const float* x, uint32_t d, uint8_t* row) {
+  const bool q8 = fmt::block_base(type) == fmt::Q8_0;
+  for (uint32_t b = 0; b < d / fmt::kBlockElems; ++b) {
+    const float* v = x + b * fmt::kBlockElems;
+    uint8_t* blk = row + b * fmt::block_bytes(type);
+    float amax = 0, signed_max = 0;
+    for (uint32_t j = 0; j < fmt::kBlockElems; ++j)
+      if (std::fabs(v[j]) > amax) {
+        amax = std::fabs(v[j]);
+        signed_max = v[j];
+      }
+    const float scale = q8 ? amax / 127.0f : signed_max / -8.0f;
+    const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+    const uint16_t h = f32_to_f16(scale);
+    if ((h & 0x7C00u) == 0x7C00u)
+      fail(TQKV_ERROR_NON_FINITE, "block scale " + std::to_string(scale) + " overflows f16 (values up to about " +
+                                      std::string(q8 ? "8.3e6" : "5.2e5") + " fit)");
+    std::memcpy(blk, &h, 2);
+    if (q8) {
+      for (uint32_t j = 0; j < 32; ++j) blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::lround(v[j] * inv)));
+    } else {
+      for (uint32_t j = 0; j < 16; ++j) {
+        const int lo = std::min(15, static_cast<int>(static_cast<int8_t>(v[j] * inv + 8.5f)));
+        const int hi = std::min(15, static_cast<int>(static_cast<int8_t>(v[j + 16] * inv + 8.5f)));
+        blk[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
+      }
+    }
+  }
+}
+
+float block_value(const uint8_t* row, uint32_t type, uint32_t i) {
+  const uint8_t* blk = row + (i / fmt::kBlockElems) * fmt::block_bytes(type);
+  uint16_t h;
+  std::memcpy(&h, blk, 2);
+  const float scale = f16_to_f32(h);
+  const uint32_t j = i % fmt::kBlockElems;
+  if (fmt::block_base(type) == fmt::Q8_0) return float(static_cast<int8_t>(blk[2 + j])) * scale;
+  const uint8_t q = blk[2 + (j & 15)];
+  return float(int((j < 16 ? q : q >> 4) & 15) - 8) * scale;
+}
+
 float encode_row(const CodecParams& p, const float* x, uint8_t* row) {
   const uint32_t d = p.d;
   std::memset(row, 0, fmt::row_stride(p.type, d));
@@ -42,7 +86,11 @@ float encode_row(const CodecParams& p, const float* x, uint8_t* row) {
   }
   // Rotate in float with the butterfly order of rotation.cpp, so that other encoders can match.
   std::vector<float> y(d);
-  rotate(p.signs, x, y.data(), d);
+  if (fmt::is_rotated(p.type)) rotate(p.signs, x, y.data(), d);
+  if (fmt::is_block(p.type)) {
+    encode_blocks(p.type, fmt::is_rotated(p.type) ? y.data() : x, d, row);
+    return 0;
+  }
   double n2 = 0;
   for (uint32_t i = 0; i < d; ++i) n2 += double(y[i]) * double(y[i]);
   const double norm = std::sqrt(n2);
@@ -91,12 +139,16 @@ void decode_row_rotated(const CodecParams& p, const uint8_t* row, float scale, d
     for (uint32_t i = 0; i < d; ++i) y[i] = f16_to_f32(v[i]);
     return;
   }
+  if (fmt::is_block(p.type)) {
+    for (uint32_t i = 0; i < d; ++i) y[i] = block_value(row, p.type, i);
+    return;
+  }
   const double k = double(scale) / std::sqrt(double(d));
   for (uint32_t i = 0; i < d; ++i) y[i] = double(p.cb.centroids[fmt::get_index(row, p.type, d, i)]) * k;
 }
 
 void decode_row(const CodecParams& p, const uint8_t* row, float scale, double* x) {
-  if (!fmt::is_tq(p.type)) {
+  if (!fmt::is_rotated(p.type)) {
     decode_row_rotated(p, row, scale, x);
     return;
   }

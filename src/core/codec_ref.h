@@ -12,7 +12,7 @@ struct CodecParams {
   uint32_t type = 0;  // fmt::Type
   uint32_t d = 0;
   Codebook cb;                   // TQ types only
-  const float* signs = nullptr;  // [d], TQ types only
+  const float* signs = nullptr;  // [d], rotated types (fmt::is_rotated)
   bool lsq = false;              // least-squares scale instead of the norm
   bool scale_f16 = false;        // scale stored as f16
 };
@@ -33,6 +33,9 @@ void unpack_indices(const CodecParams& p, const uint8_t* row, uint32_t* idx);
 void decode_row_rotated(const CodecParams& p, const uint8_t* row, float scale, double* y);
 // Decodes a row to the original domain (TQ rows are un-rotated; dense rows are returned as is).
 void decode_row(const CodecParams& p, const uint8_t* row, float scale, double* x);
+
+// Value i of a llama.cpp Q8_0/Q4_0 row (block scale applied).
+float block_value(const uint8_t* row, uint32_t type, uint32_t i);
 
 // Scale storage helpers.
 float load_scale(const void* scales, size_t i, bool f16);

@@ -13,22 +13,37 @@
 namespace tqkv::fmt {
 
 // Storage type codes equal tqkv_type values.
-enum Type : uint32_t { TQ2 = 2, TQ3 = 3, TQ4 = 4, TQ8 = 8, F16 = 16, F32 = 32 };
+enum Type : uint32_t {
+  TQ2 = 2, TQ3 = 3, TQ4 = 4, TQ8 = 8, F16 = 16, F32 = 32,
+  Q4_0 = 40, Q4_0_HAD = 41, Q8_0 = 80, Q8_0_HAD = 81  // llama.cpp blocks, plain or rotated
+};
 
 TQKV_HD constexpr bool is_tq(uint32_t t) { return t == TQ2 || t == TQ3 || t == TQ4 || t == TQ8; }
 TQKV_HD constexpr bool is_dense(uint32_t t) { return t == F16 || t == F32; }
-TQKV_HD constexpr bool valid_type(uint32_t t) { return is_tq(t) || is_dense(t); }
+TQKV_HD constexpr bool is_block(uint32_t t) { return t == Q4_0 || t == Q4_0_HAD || t == Q8_0 || t == Q8_0_HAD; }
+TQKV_HD constexpr bool valid_type(uint32_t t) { return is_tq(t) || is_dense(t) || is_block(t); }
+// Whether rows are stored in the rotated domain (query rotated, output un-rotated once).
+TQKV_HD constexpr bool is_rotated(uint32_t t) { return is_tq(t) || t == Q4_0_HAD || t == Q8_0_HAD; }
+TQKV_HD constexpr uint32_t block_base(uint32_t t) { return t == Q4_0_HAD ? Q4_0 : t == Q8_0_HAD ? Q8_0 : t; }
+
+// llama.cpp block formats: 32 values per block, f16 scale d first.
+//   Q8_0: {f16 d; int8 q[32]}            value = q * d                 (34 bytes)
+//   Q4_0: {f16 d; uint8 q[16]}           value_j = ((q[j] & 15) - 8) * d, value_{j+16} = ((q[j] >> 4) - 8) * d  (18 bytes)
+constexpr uint32_t kBlockElems = 32;
+TQKV_HD constexpr size_t block_bytes(uint32_t t) { return block_base(t) == Q8_0 ? 34 : 18; }
 TQKV_HD constexpr bool valid_head_dim(uint32_t d) { return d == 64 || d == 128 || d == 256 || d == 512; }
 
 constexpr size_t kRowAlign = 16;  // every row starts on a 16-byte boundary
 
 // Bytes of payload of one row (one vector of head_dim values).
 TQKV_HD constexpr size_t row_payload_bytes(uint32_t type, uint32_t d) {
-  return is_tq(type) ? size_t(d) * type / 8 : size_t(d) * (type / 8);
+  return is_tq(type) ? size_t(d) * type / 8 : is_block(type) ? size_t(d) / kBlockElems * block_bytes(type) : size_t(d) * (type / 8);
 }
-// Distance between consecutive rows: payload rounded up to 16 bytes.
+// Distance between consecutive rows: payload rounded up to 16 bytes, except llama.cpp block rows,
+// which are packed back to back as llama.cpp stores them (2-byte aligned), so that their
+// memory figures are the baseline's own.
 TQKV_HD constexpr size_t row_stride(uint32_t type, uint32_t d) {
-  return (row_payload_bytes(type, d) + kRowAlign - 1) / kRowAlign * kRowAlign;
+  return is_block(type) ? row_payload_bytes(type, d) : (row_payload_bytes(type, d) + kRowAlign - 1) / kRowAlign * kRowAlign;
 }
 // Bytes of the per-row scale (TQ types only): f32 or f16.
 TQKV_HD constexpr size_t scale_bytes(uint32_t type, bool scale_f16) {

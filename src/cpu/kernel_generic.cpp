@@ -3,6 +3,7 @@
 #include <limits>
 #include <vector>
 
+#include "core/codec_ref.h"
 #include "core/format.h"
 #include "core/half.h"
 #include "cpu/kernel.h"
@@ -25,6 +26,8 @@ void decode_kernel_order(const RowSpan& s, uint32_t j, uint32_t d, float* out) {
   } else if (s.type == fmt::F16) {
     const uint16_t* v = reinterpret_cast<const uint16_t*>(row);
     for (uint32_t i = 0; i < d; ++i) out[i] = f16_to_f32(v[i]);
+  } else if (fmt::is_block(s.type)) {
+    for (uint32_t i = 0; i < d; ++i) out[i] = core::block_value(row, s.type, i);
   } else {
     for (uint32_t i = 0; i < d; ++i)
       out[fmt::kernel_position(s.type, i)] = s.centroids[fmt::get_index(row, s.type, d, i)];
