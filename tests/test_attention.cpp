@@ -154,7 +154,8 @@ void run(const Case& c) {
 }  // namespace
 
 TEST(Attention, EveryTypePairAndHeadDim) {
-  const Type types[] = {Type::tq2, Type::tq3, Type::tq4, Type::tq8, Type::f16, Type::f32};
+  const Type types[] = {Type::tq2, Type::tq3, Type::tq4, Type::tq8, Type::f16, Type::f32,
+                        Type::q8_0, Type::q4_0, Type::q8_0_had, Type::q4_0_had};
   for (uint32_t d : {64u, 128u, 256u, 512u})
     for (Type kt : types)
       for (Type vt : types) {

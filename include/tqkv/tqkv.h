@@ -206,7 +206,9 @@ TQKV_API tqkv_status tqkv_attend_reference(const tqkv_cache* cache, const tqkv_a
  * then let each of them attend over the cache as decode would. Query i sits at position q_pos[i]
  * (non-decreasing, each < the sequence's length); with TQKV_MASK_CAUSAL it sees positions
  * <= q_pos[i], with TQKV_MASK_WINDOW positions in (q_pos[i] - window, q_pos[i]].
- * q, out: [n_q][num_q_heads][head_dim]; lse: [n_q][num_q_heads] or NULL. params->q_pos must be NULL. */
+ * q, out: [n_q][num_q_heads][head_dim]; lse: [n_q][num_q_heads] or NULL. params->q_pos must be NULL.
+ * On a ring cache, appending a chunk of n tokens overwrites the oldest slots, so chunked prefill
+ * over a sliding window needs capacity >= window + n - 1 (an error says so otherwise). */
 TQKV_API tqkv_status tqkv_attend_seq(const tqkv_cache* cache, uint32_t seq, uint32_t n_q, const int64_t* q_pos,
                                      const tqkv_attn_params* params, const float* q, float* out, float* lse);
 TQKV_API tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t seq, uint32_t n_q,
