@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "cli.h"
+#include "model_cmds.h"
 #include "core/format.h"
 #include "cpu/kernel.h"
 #include "tqkv/tqkv.hpp"
@@ -79,6 +80,40 @@ int main(int argc, char** argv) {
   memory->add_option("--kbits", mk, "K type: 2, 3, 4, 8, f16, f32")->capture_default_str();
   memory->add_option("--vbits", mv, "V type: 2, 3, 4, 8, f16, f32")->capture_default_str();
 
+  cli::PerplexityCmd pc;
+  auto* ppl = app.add_subcommand("perplexity", "Perplexity, KL divergence and top-1 agreement vs the f32 cache on a real model");
+  ppl->add_option("--model", pc.model, "GGUF path, or smollm2 / gemma3 (fetched into ~/.cache/tqkv)")->capture_default_str();
+  ppl->add_option("--file", pc.file, "text to score")->capture_default_str();
+  ppl->add_option("--ctx", pc.ctx, "tokens per chunk (the second half is scored)")->capture_default_str();
+  ppl->add_option("--chunks", pc.chunks, "chunks to score (0 = all)")->capture_default_str();
+  ppl->add_option("--batch", pc.batch, "tokens per forward call (prefill chunk)")->capture_default_str();
+  ppl->add_option("--cache-k", pc.cache_k, "K cache type: f32 f16 q8_0 q4_0 q8_0-rot q4_0-rot tq2 tq3 tq4 tq8")->capture_default_str();
+  ppl->add_option("--cache-v", pc.cache_v, "V cache type (same names)")->capture_default_str();
+  ppl->add_option("--policy", pc.policy, "per-layer overrides, e.g. first2=tq8,last2=tq8,10-12=f16/tq4");
+  ppl->add_option("--compare", pc.compare, "several cache types in one run, e.g. f16,q4_0-rot,tq8/tq4,tq4");
+  ppl->add_option("--threads", pc.threads, "threads (0 = all)")->capture_default_str();
+  ppl->add_flag("--json", pc.json, "print JSON");
+
+  cli::GenerateCmd gc;
+  auto* gen = app.add_subcommand("generate", "Streaming generation with a chosen KV cache");
+  gen->add_option("--model", gc.model, "GGUF path, or smollm2 / gemma3")->capture_default_str();
+  gen->add_option("--prompt", gc.prompt, "prompt text")->required();
+  gen->add_option("-n,--n-tokens", gc.n_tokens, "tokens to generate")->capture_default_str();
+  gen->add_option("--cache-k", gc.cache_k, "K cache type")->capture_default_str();
+  gen->add_option("--cache-v", gc.cache_v, "V cache type")->capture_default_str();
+  gen->add_option("--policy", gc.policy, "per-layer overrides");
+  gen->add_option("--temp", gc.temperature, "sampling temperature (0 = greedy)")->capture_default_str();
+  gen->add_option("--seed", gc.seed, "sampling seed")->capture_default_str();
+  gen->add_option("--threads", gc.threads, "threads (0 = all)")->capture_default_str();
+  gen->add_flag("--chat", gc.chat, "wrap the prompt in the model's chat template");
+
+  cli::DemoCmd dc;
+  auto* demo = app.add_subcommand("demo", "Fetch SmolLM2 and compare every KV cache type on it, then generate");
+  demo->add_option("--model", dc.model, "smollm2, gemma3 or a GGUF path")->capture_default_str();
+  demo->add_option("--ctx", dc.ctx, "tokens per chunk")->capture_default_str();
+  demo->add_option("--chunks", dc.chunks, "chunks to score")->capture_default_str();
+  demo->add_option("--threads", dc.threads, "threads (0 = all)")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -96,6 +131,15 @@ int main(int argc, char** argv) {
       const auto r = cli::bench_attention(bo);
       if (bo.json) ::fmt::print("{}\n", r.dump(2));
       else cli::print_bench_table(r);
+    } else if (ppl->parsed()) {
+      pc.quiet = pc.json;
+      const auto r = cli::perplexity(pc);
+      if (pc.json) ::fmt::print("{}\n", r.dump(2));
+      else cli::print_perplexity(r);
+    } else if (gen->parsed()) {
+      cli::generate(gc);
+    } else if (demo->parsed()) {
+      return cli::demo(dc);
     } else if (memory->parsed()) {
       CacheConfig cfg;
       cfg.dims(md, mh);

@@ -1,0 +1,41 @@
+// Commands that run real models (src/model).
+#pragma once
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "model/model.h"
+#include "model/perplexity.h"
+
+namespace tqkv::cli {
+
+// "smollm2" / "gemma3" resolve to the user cache (fetched when missing); anything else is a path.
+std::string resolve_model(const std::string& name);
+std::vector<model::CacheSetup> parse_compare(const std::string& list, const std::string& policy, uint32_t n_layers);
+
+struct PerplexityCmd {
+  std::string model = "smollm2", file = "/usr/share/common-licenses/GPL-3";
+  uint32_t ctx = 512, chunks = 0, batch = 256, threads = 0;
+  std::string cache_k = "tq4", cache_v = "tq4", policy, compare;
+  bool json = false, quiet = false;
+};
+nlohmann::json perplexity(const PerplexityCmd& o);
+void print_perplexity(const nlohmann::json& r);
+
+struct GenerateCmd {
+  std::string model = "smollm2", prompt, cache_k = "tq4", cache_v = "tq4", policy;
+  uint32_t n_tokens = 64, threads = 0;
+  float temperature = 0;
+  uint64_t seed = 1;
+  bool chat = false;
+};
+void generate(const GenerateCmd& o);
+
+struct DemoCmd {
+  std::string model = "smollm2";
+  uint32_t ctx = 512, chunks = 3, threads = 0;
+};
+int demo(const DemoCmd& o);
+
+}  // namespace tqkv::cli
