@@ -20,12 +20,31 @@ enum class TensorType : uint32_t {
   Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, BF16 = 30
 };
 
+// Any ggml type id, not only those named above; "unknown" for ids ggml never assigned.
 const char* type_name(TensorType t);
-// Elements per block and bytes per block; throws TQKV_ERROR_UNSUPPORTED for types not handled.
+// Whether the block layout of t is known (such tensors can be opened and listed).
+bool type_known(TensorType t);
+// Whether dequantize handles t.
+bool type_supported(TensorType t);
+// Elements per block and bytes per block of any known type; throws TQKV_ERROR_UNSUPPORTED for
+// ids ggml never assigned.
 uint64_t type_block_elems(TensorType t);
 uint64_t type_block_bytes(TensorType t);
-// Dequantizes n elements (a multiple of the block size) of type t.
+// Dequantizes n elements (a multiple of the block size) of type t. Throws TQKV_ERROR_UNSUPPORTED
+// naming the type when !type_supported(t).
 void dequantize(TensorType t, const uint8_t* src, float* dst, uint64_t n);
+
+// A metadata value of any type, arrays (nested ones included) decoded recursively.
+struct GgufValue {
+  GgufType type = GgufType::UINT8;
+  uint64_t u = 0;    // UINT8/16/32/64
+  int64_t i = 0;     // INT8/16/32/64
+  double f = 0;      // FLOAT32/64
+  bool b = false;    // BOOL
+  std::string s;     // STRING
+  GgufType elem_type = GgufType::UINT8;  // ARRAY
+  std::vector<GgufValue> items;          // ARRAY
+};
 
 struct GgufTensor {
   std::string name;
@@ -50,6 +69,11 @@ class GgufFile {
   std::vector<std::string> keys() const;
   bool has(const std::string& key) const;
   GgufType type_of(const std::string& key) const;  // throws if missing
+  // Element type and length of an ARRAY key; throws if missing or not an array.
+  GgufType array_type_of(const std::string& key) const;
+  uint64_t array_size(const std::string& key) const;
+  // Any value, decoded in full (for generic dumps and nested arrays); throws if missing.
+  GgufValue get_value(const std::string& key) const;
 
   // Typed getters throw TQKV_ERROR_IO naming the key, the expected and the actual type when
   // the key is missing or of another type. Integer getters accept any integer type whose value
