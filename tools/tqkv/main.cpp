@@ -114,6 +114,15 @@ int main(int argc, char** argv) {
   demo->add_option("--chunks", dc.chunks, "chunks to score")->capture_default_str();
   demo->add_option("--threads", dc.threads, "threads (0 = all)")->capture_default_str();
 
+  cli::DumpLogitsCmd lg;
+  auto* dump = app.add_subcommand("dump-logits", "Write every position's logits for a prompt (for cross-checks)");
+  dump->add_option("--model", lg.model, "GGUF path, or smollm2 / gemma3")->capture_default_str();
+  dump->add_option("--prompt", lg.prompt, "prompt text")->required();
+  dump->add_option("--out", lg.out, "raw f32 output file [tokens][vocab]")->required();
+  dump->add_option("--cache-k", lg.cache_k, "K cache type")->capture_default_str();
+  dump->add_option("--cache-v", lg.cache_v, "V cache type")->capture_default_str();
+  dump->add_option("--threads", lg.threads, "threads (0 = all)")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -138,6 +147,8 @@ int main(int argc, char** argv) {
       else cli::print_perplexity(r);
     } else if (gen->parsed()) {
       cli::generate(gc);
+    } else if (dump->parsed()) {
+      cli::dump_logits(lg);
     } else if (demo->parsed()) {
       return cli::demo(dc);
     } else if (memory->parsed()) {

@@ -205,6 +205,28 @@ void generate(const GenerateCmd& o) {
                after.block_rows_read - before.block_rows_read, after.dense_rows_read - before.dense_rows_read);
 }
 
+void dump_logits(const DumpLogitsCmd& o) {
+  auto m = model::Model::load(resolve_model(o.model));
+  const auto& c = m->config();
+  const auto toks = m->tokenizer().encode(o.prompt, true);
+  if (toks.empty()) invalid("--prompt: encodes to no tokens");
+  LayerCache lc{model::parse_cache_type(o.cache_k), model::parse_cache_type(o.cache_v)};
+  const uint32_t chunk = 128;
+  model::Session s(m, std::vector<LayerCache>(c.n_layers, lc), uint32_t(toks.size()), chunk, o.threads);
+  std::vector<float> logits(toks.size() * size_t(c.vocab));
+  for (size_t i = 0; i < toks.size(); i += chunk) {
+    const uint32_t n = uint32_t(std::min<size_t>(chunk, toks.size() - i));
+    s.forward(std::span<const int32_t>(toks.data() + i, n), n, logits.data() + i * c.vocab);
+  }
+  std::ofstream f(o.out, std::ios::binary);
+  if (!f) fail(TQKV_ERROR_IO, "--out: cannot write '" + o.out + "'");
+  f.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
+  nlohmann::json j;
+  j["tokens"] = toks;
+  j["vocab"] = c.vocab;
+  ::fmt::print("{}\n", j.dump());
+}
+
 int demo(const DemoCmd& o) {
   ::fmt::print("tqkv demo: SmolLM2-135M-Instruct (real weights) with every KV cache type, side by side.\n");
   PerplexityCmd p;

@@ -32,6 +32,14 @@ struct GenerateCmd {
 };
 void generate(const GenerateCmd& o);
 
+// Writes the logits of every position of the prompt (f32 cache unless told otherwise) to a raw
+// little-endian f32 file [n_tokens][vocab] and prints {"tokens": [...], "vocab": V} as JSON.
+struct DumpLogitsCmd {
+  std::string model = "smollm2", prompt, out, cache_k = "f32", cache_v = "f32";
+  uint32_t threads = 0;
+};
+void dump_logits(const DumpLogitsCmd& o);
+
 struct DemoCmd {
   std::string model = "smollm2";
   uint32_t ctx = 512, chunks = 3, threads = 0;
