@@ -18,9 +18,11 @@ struct TokenizerData {
   std::string pre;    // tokenizer.ggml.pre (pre-tokenizer name), may be empty
   std::vector<std::string> tokens;
   std::vector<float> scores;        // may be empty
-  std::vector<int32_t> token_types;  // may be empty; 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+  // May be empty (then every token is normal but the ids named below, which count as control).
+  std::vector<int32_t> token_types;  // 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
   std::vector<std::string> merges;  // "a b" pairs, gpt2 only
   int32_t bos = -1, eos = -1, unk = -1, pad = -1;
+  int32_t eot = -1, eom = -1;  // end of turn / end of message, when the file names them (-1: none)
   bool add_bos = false, add_eos = false, add_space_prefix = false;
 };
 
@@ -33,10 +35,18 @@ class Tokenizer {
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
-  // add_special: prepend BOS (and append EOS) as the metadata says.
+  // add_special: prepend BOS (and append EOS) as the metadata says. Control and user-defined
+  // tokens written in the text are always recognised as themselves. Any bytes are accepted: bytes
+  // that are not well-formed UTF-8 are kept as byte tokens, so decode gives them back, except
+  // bytes a byte-level vocabulary has no token for (SmolLM2 lacks 0xF5..0xFF, among a few),
+  // which are dropped.
   std::vector<int32_t> encode(std::string_view text, bool add_special) const;
-  std::string decode(std::span<const int32_t> ids) const;  // special/control tokens are skipped
-  std::string token_piece(int32_t id) const;                // the token's text, for streaming output
+  // The bytes the ids stand for; control tokens (BOS, EOS, <end_of_turn>, ...) are skipped.
+  // Throws TQKV_ERROR_INVALID_ARGUMENT for an id outside the vocabulary.
+  std::string decode(std::span<const int32_t> ids) const;
+  // The bytes one token stands for, for streaming output (a piece may end inside a UTF-8
+  // character); control tokens give their own text, unlike in decode.
+  std::string token_piece(int32_t id) const;
   size_t vocab_size() const;
   int32_t bos() const;
   int32_t eos() const;
