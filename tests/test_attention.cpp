@@ -36,6 +36,7 @@ struct Case {
   bool f16_scale = false, lsq = true;
   tqkv_codebook codebook = TQKV_CODEBOOK_EXACT;
   float logit_scale = 0;  // 0 = 1/sqrt(d)
+  bool center = false;     // key centering (TQKV_CENTER_FIRST_APPEND), keys given a common offset
 
   std::string str() const {
     std::ostringstream o;
@@ -43,7 +44,7 @@ struct Case {
     for (auto l : lens) o << l << ",";
     o << " ring=" << ring << " cap=" << cap << " mask=" << int(mask) << " w=" << window << " qpos=" << random_qpos
       << " softcap=" << softcap << " sinks=" << sinks << " threads=" << threads << " f16scale=" << f16_scale
-      << " lsq=" << lsq << " cb=" << int(codebook) << " scale=" << logit_scale;
+      << " lsq=" << lsq << " cb=" << int(codebook) << " scale=" << logit_scale << " center=" << center;
     return o.str();
   }
 };
@@ -86,12 +87,16 @@ void run(const Case& c) {
   cfg.scale_mode = c.lsq ? TQKV_SCALE_LSQ : TQKV_SCALE_NORM;
   cfg.codebook = c.codebook;
   cfg.seed = rng();
+  cfg.k_center = c.center ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
   Cache cache(cfg);
+  const auto offset = test::gaussian(size_t(c.hkv) * c.d, rng, 3.0f);  // keys share a common part
   for (uint32_t s = 0; s < nseq; ++s) {
     int64_t left = c.lens[s];
     while (left > 0) {  // several appends of random sizes
       const int64_t n = std::min<int64_t>(left, 1 + int64_t(rng() % 700));
       auto k = test::gaussian(size_t(n) * c.hkv * c.d, rng), v = test::gaussian(size_t(n) * c.hkv * c.d, rng);
+      if (c.center)
+        for (size_t i = 0; i < k.size(); ++i) k[i] += offset[i % offset.size()];
       cache.append(s, k, v);
       left -= n;
     }
@@ -285,6 +290,68 @@ TEST(Attention, CodecOptions) {
         c.lens = {77};
         run(c);
       }
+}
+
+TEST(Attention, KeyCenteringIsExact) {
+  // The fused kernels and the reference both see k = mu + decoded residual; softcap forces the
+  // in-kernel offset path, sinks and LSE the merge-time one.
+  for (Type t : {Type::tq4, Type::tq2, Type::q8_0, Type::f16})
+    for (float cap : {0.0f, 20.0f})
+      for (bool sinks : {false, true}) {
+        Case c;
+        c.kt = t;
+        c.vt = Type::tq4;
+        c.center = true;
+        c.softcap = cap;
+        c.sinks = sinks;
+        c.hkv = 2;
+        c.g = 4;
+        c.lens = {300, 0, 45};
+        c.logit_scale = 0.2f;
+        run(c);
+      }
+}
+
+TEST(Attention, KeyCenteringCutsKeyErrorAndCanBeSetExplicitly) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const uint32_t d = 128, n = 256;
+  auto offset = test::gaussian(d, rng, 4.0f);
+  auto k = test::gaussian(n * d, rng), v = test::gaussian(n * d, rng);
+  for (size_t i = 0; i < k.size(); ++i) k[i] += offset[i % d];
+  double err[2];
+  for (int centered = 0; centered < 2; ++centered) {
+    CacheConfig cfg;
+    cfg.dims(d, 1).seqs(1, n);
+    cfg.k_center = centered ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
+    Cache cache(cfg);
+    cache.append(0, k, v);
+    std::vector<float> back(k.size());
+    cache.read(0, 0, 0, n, back);
+    err[centered] = test::rel_err(back, k);
+    tqkv_memory_info m = cache.memory();
+    EXPECT_EQ(m.total_bytes, m.bytes_per_token * n + (centered ? d * 4 : 0));
+  }
+  EXPECT_LT(err[1], 0.5 * err[0]);  // the shared part costs nothing once removed
+  // Explicit means: only on an empty sequence, finite, any k_center setting; reset clears it.
+  CacheConfig cfg;
+  cfg.dims(d, 1).seqs(1, n);
+  Cache cache(cfg);
+  EXPECT_EQ(tqkv_cache_set_k_center(cache.get(), 0, offset.data()), TQKV_OK);
+  cache.append(0, k, v);
+  std::vector<float> back(k.size());
+  cache.read(0, 0, 0, n, back);
+  EXPECT_LT(test::rel_err(back, k), 0.6 * err[0]);
+  EXPECT_EQ(tqkv_cache_set_k_center(cache.get(), 0, offset.data()), TQKV_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tqkv_last_error()).find("empty"), std::string::npos);
+  cache.reset(0);
+  offset[3] = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(tqkv_cache_set_k_center(cache.get(), 0, offset.data()), TQKV_ERROR_NON_FINITE);
+  EXPECT_EQ(tqkv_cache_set_k_center(cache.get(), 0, nullptr), TQKV_ERROR_INVALID_ARGUMENT);
+  CacheConfig bad = cfg;
+  bad.k_center = static_cast<tqkv_center>(4);
+  tqkv_cache* out = nullptr;
+  EXPECT_EQ(tqkv_cache_create(&bad, &out), TQKV_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tqkv_last_error()).find("k_center"), std::string::npos);
 }
 
 TEST(Attention, EmptySequencesGiveZerosAndMinusInfinity) {

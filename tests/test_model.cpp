@@ -66,8 +66,8 @@ TEST(Model, SmolLM2PerplexityAndKlOnA512TokenSlice) {
   for (const auto& r : rows) std::printf("%-5s ppl %.4f kl %.6f p99 %.6f top1 %.4f\n", r.label.c_str(), r.ppl, r.kl_mean, r.kl_p99, r.top1);
   const auto& f32 = rows[0];
   EXPECT_EQ(f32.scored, 255u);
-  EXPECT_GT(f32.ppl, PPL_LO);
-  EXPECT_LT(f32.ppl, PPL_HI);
+  EXPECT_GT(f32.ppl, 3.0);
+  EXPECT_LT(f32.ppl, 60.0);
   EXPECT_EQ(f32.kl_mean, 0.0);
   EXPECT_EQ(f32.top1, 1.0);
   EXPECT_GT(f32.dense_rows, 0u);
@@ -78,11 +78,11 @@ TEST(Model, SmolLM2PerplexityAndKlOnA512TokenSlice) {
     EXPECT_GT(r->tq_rows, 0u);
     EXPECT_EQ(r->dense_rows, 0u);
   }
-  EXPECT_LT(k8.kl_mean, K8_KL_MAX);
+  EXPECT_LT(k8.kl_mean, 0.01);
   EXPECT_GT(k8.kl_mean, 0.0);  // a codec that changes nothing is not quantizing
   EXPECT_GT(k8.top1, 0.97);
   EXPECT_GT(k2.kl_mean, 10 * k8.kl_mean);
-  EXPECT_GT(k2.kl_mean, K2_KL_MIN);
+  EXPECT_GT(k2.kl_mean, 0.05);
   EXPECT_LT(k2.kl_mean, 2.0);  // ...but not a broken one either
   EXPECT_GT(k4.kl_mean, k8.kl_mean);
   EXPECT_LT(k4.kl_mean, k2.kl_mean);
@@ -131,8 +131,8 @@ TEST(Model, Gemma3SlidingWindowModelRuns) {
   o.batch = 160;
   const auto rows = run_perplexity(m, tokens, {uniform(*m, "tq8"), uniform(*m, "tq2")}, o);
   for (const auto& r : rows) std::printf("%-5s ppl %.4f kl %.6f top1 %.4f\n", r.label.c_str(), r.ppl, r.kl_mean, r.top1);
-  EXPECT_GT(rows[0].ppl, GEMMA_PPL_LO);
-  EXPECT_LT(rows[0].ppl, GEMMA_PPL_HI);
+  EXPECT_GT(rows[0].ppl, 2.0);
+  EXPECT_LT(rows[0].ppl, 200.0);
   EXPECT_GT(rows[1].tq_rows, 0u);
   EXPECT_LT(rows[1].kl_mean, rows[2].kl_mean);
 }

@@ -102,6 +102,16 @@ typedef enum tqkv_scale_dtype {
   TQKV_SCALE_DTYPE_MAX_ENUM = 0x7FFFFFFF
 } tqkv_scale_dtype;
 
+/* Key centering: K rows are stored as k - mu with one mean vector mu per (sequence, KV head), and
+ * attention adds scale * (q . mu) back to every logit, so results are exact while the codec only
+ * spends its bits on what differs between keys (real keys share a large common component).
+ * Applies to quantized K types (TQ, q8_0, q4_0); dense K is stored as is. */
+typedef enum tqkv_center {
+  TQKV_CENTER_NONE = 0,         /* store keys as they are (default) */
+  TQKV_CENTER_FIRST_APPEND = 1, /* mu = mean of the keys of the first append to an empty sequence */
+  TQKV_CENTER_MAX_ENUM = 0x7FFFFFFF
+} tqkv_center;
+
 typedef enum tqkv_backend {
   TQKV_BACKEND_CPU = 0,
   TQKV_BACKEND_CUDA = 1,
@@ -128,6 +138,7 @@ typedef struct tqkv_cache_config {
   tqkv_scale_dtype scale_dtype;
   tqkv_backend backend;
   uint64_t seed; /* rotation sign seed */
+  tqkv_center k_center;
 } tqkv_cache_config;
 
 typedef struct tqkv_attn_params {
@@ -178,7 +189,11 @@ TQKV_API tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* 
                                              tqkv_dtype dtype, const void* k, const void* v);
 /* Number of positions appended to seq since creation or reset (may exceed capacity in ring mode). */
 TQKV_API tqkv_status tqkv_cache_length(const tqkv_cache* cache, uint32_t seq, int64_t* out);
+/* Empties seq (its key mean too, if any). */
 TQKV_API tqkv_status tqkv_cache_reset(tqkv_cache* cache, uint32_t seq);
+/* Sets the key mean of an empty sequence explicitly (for example from calibration): mu is
+ * [num_kv_heads][head_dim]. Works whatever k_center says; has no effect on dense K. */
+TQKV_API tqkv_status tqkv_cache_set_k_center(tqkv_cache* cache, uint32_t seq, const float* mu);
 TQKV_API tqkv_status tqkv_cache_memory(const tqkv_cache* cache, tqkv_memory_info* out);
 /* Memory figures for a configuration without creating it. */
 TQKV_API tqkv_status tqkv_config_memory(const tqkv_cache_config* config, tqkv_memory_info* out);

@@ -119,6 +119,7 @@ tqkv_status tqkv_cache_config_init(tqkv_cache_config* c) {
     c->scale_dtype = TQKV_SCALE_F32;
     c->backend = TQKV_BACKEND_CPU;
     c->seed = TQKV_DEFAULT_SEED;
+    c->k_center = TQKV_CENTER_NONE;
   });
 }
 
@@ -161,6 +162,10 @@ tqkv_status tqkv_cache_length(const tqkv_cache* cache, uint32_t seq, int64_t* ou
 
 tqkv_status tqkv_cache_reset(tqkv_cache* cache, uint32_t seq) {
   return guarded([&] { cache_ref(cache).reset(seq); });
+}
+
+tqkv_status tqkv_cache_set_k_center(tqkv_cache* cache, uint32_t seq, const float* mu) {
+  return guarded([&] { cache_ref(cache).set_k_center(seq, mu); });
 }
 
 tqkv_status tqkv_cache_memory(const tqkv_cache* cache, tqkv_memory_info* out) {

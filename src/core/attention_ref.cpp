@@ -24,7 +24,11 @@ void attend_reference(const Cache& c, const AttnPlan& plan, const float* q, floa
           const Plane& p = c.plane(w);
           const void* sp = c.scale_ptr(w, s, kvh, slot);
           const float sc = sp ? load_scale(sp, 0, p.scale_f16) : 0.0f;
-          decode_row(p.codec, c.row(w, s, kvh, slot), sc, (w == 0 ? keys : vals).data() + size_t(j) * d);
+          double* dst = (w == 0 ? keys : vals).data() + size_t(j) * d;
+          decode_row(p.codec, c.row(w, s, kvh, slot), sc, dst);
+          const float* mu = w == 0 ? c.k_center(s) : nullptr;
+          if (mu)
+            for (uint32_t i = 0; i < d; ++i) dst[i] += mu[size_t(kvh) * d + i];
         }
       }
       for (uint32_t hh = 0; hh < g; ++hh) {

@@ -51,6 +51,8 @@ void validate_config(const tqkv_cache_config& c) {
     invalid("scale_dtype: " + std::to_string(int(c.scale_dtype)) + " is invalid; allowed: 0 (f32), 1 (f16)");
   if (c.backend != TQKV_BACKEND_CPU && c.backend != TQKV_BACKEND_CUDA)
     invalid("backend: " + std::to_string(int(c.backend)) + " is invalid; allowed: 0 (cpu), 1 (cuda)");
+  if (c.k_center != TQKV_CENTER_NONE && c.k_center != TQKV_CENTER_FIRST_APPEND)
+    invalid("k_center: " + std::to_string(int(c.k_center)) + " is invalid; allowed: 0 (none), 1 (first append)");
   if (c.backend == TQKV_BACKEND_CUDA)
     fail(TQKV_ERROR_UNSUPPORTED, "backend: the CUDA cache is not available in this version; use 0 (cpu)");
 }
@@ -67,6 +69,8 @@ tqkv_memory_info memory_for(const tqkv_cache_config& c) {
     fail(TQKV_ERROR_OUT_OF_MEMORY, "capacity: " + std::to_string(c.capacity) + " x num_seqs " +
                                        std::to_string(c.num_seqs) + " needs more memory than can be addressed");
   m.total_bytes = m.bytes_per_token * c.capacity * c.num_seqs;
+  if (c.k_center != TQKV_CENTER_NONE && !fmt::is_dense(c.k_type))  // one key mean per sequence and KV head
+    m.total_bytes += uint64_t(c.num_seqs) * c.num_kv_heads * c.head_dim * sizeof(float);
   return m;
 }
 
@@ -91,6 +95,29 @@ Cache::Cache(const tqkv_cache_config& cfg) : cfg_(cfg) {
   init_plane(k_, cfg.k_type, cfg, signs_.data(), rows);
   init_plane(v_, cfg.v_type, cfg, signs_.data(), rows);
   lengths_.assign(cfg.num_seqs, 0);
+  has_center_.assign(cfg.num_seqs, 0);
+}
+
+bool Cache::centers_k() const { return !fmt::is_dense(k_.type); }
+
+const float* Cache::k_center(uint32_t seq) const {
+  check_seq(seq, "k_center");
+  return has_center_[seq] ? centers_.data() + size_t(seq) * cfg_.num_kv_heads * cfg_.head_dim : nullptr;
+}
+
+void Cache::set_k_center(uint32_t seq, const float* mu) {
+  check_seq(seq, "set_k_center");
+  if (mu == nullptr) invalid("mu: NULL; must point to num_kv_heads * head_dim floats");
+  if (lengths_[seq] != 0)
+    invalid("set_k_center: sequence " + std::to_string(seq) + " holds " + std::to_string(lengths_[seq]) +
+            " positions; the key mean can only be set while it is empty");
+  const size_t n = size_t(cfg_.num_kv_heads) * cfg_.head_dim;
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(mu[i])) fail(TQKV_ERROR_NON_FINITE, "mu: non-finite value at index " + std::to_string(i));
+  if (!centers_k()) return;
+  if (centers_.empty()) centers_.assign(size_t(cfg_.num_seqs) * n, 0.0f);
+  std::copy(mu, mu + n, centers_.begin() + std::ptrdiff_t(size_t(seq) * n));
+  has_center_[seq] = 1;
 }
 
 void Cache::check_seq(uint32_t seq, const char* what) const {
@@ -134,6 +161,7 @@ void Cache::check_room(uint32_t seq, uint32_t n_tokens) const {
 struct Cache::Encoded {
   uint32_t n = 0;
   AlignedBytes k_rows, v_rows, k_scales, v_scales;  // [n][kv_head] rows
+  std::vector<float> new_center;                    // set when this append defines the key mean
 };
 
 static void check_finite(const float* x, size_t n, uint32_t hkv, uint32_t d, const char* which, uint32_t seq) {
@@ -163,6 +191,21 @@ Cache::Encoded Cache::encode(uint32_t n, tqkv_dtype dtype, const void* k, const 
     cpu::to_f32(dtype, src[w], vals, buf.data());
     check_finite(buf.data(), vals, cfg_.num_kv_heads, cfg_.head_dim, names[w], seq);
     const Plane& p = *planes[w];
+    if (w == 0 && centers_k()) {
+      // The first append of a sequence defines its key mean when k_center asks for it.
+      const float* mu = has_center_[seq] ? centers_.data() + size_t(seq) * cfg_.num_kv_heads * cfg_.head_dim : nullptr;
+      if (!mu && cfg_.k_center == TQKV_CENTER_FIRST_APPEND && lengths_[seq] == 0) {
+        const size_t per_tok = size_t(cfg_.num_kv_heads) * cfg_.head_dim;
+        std::vector<double> sum(per_tok, 0.0);
+        for (uint32_t t = 0; t < n; ++t)
+          for (size_t i = 0; i < per_tok; ++i) sum[i] += buf[size_t(t) * per_tok + i];
+        e.new_center.resize(per_tok);
+        for (size_t i = 0; i < per_tok; ++i) e.new_center[i] = static_cast<float>(sum[i] / n);
+        mu = e.new_center.data();
+      }
+      if (mu)
+        for (size_t i = 0; i < vals; ++i) buf[i] -= mu[i % (size_t(cfg_.num_kv_heads) * cfg_.head_dim)];
+    }
     *out_rows[w] = aligned_bytes(rows * p.stride);
     *out_scales[w] = aligned_bytes(rows * fmt::scale_bytes(p.type, p.scale_f16));
     try {
@@ -192,6 +235,7 @@ void Cache::commit(uint32_t seq, const Encoded& e) {
       }
     }
   }
+  if (!e.new_center.empty()) set_k_center(seq, e.new_center.data());
   lengths_[seq] += e.n;
   counters().rows_encoded += uint64_t(e.n) * hkv * 2;
 }
@@ -234,6 +278,7 @@ void Cache::append_batch(const uint32_t* counts, tqkv_dtype dtype, const void* k
 void Cache::reset(uint32_t seq) {
   check_seq(seq, "reset");
   lengths_[seq] = 0;
+  has_center_[seq] = 0;
 }
 
 void Cache::read(uint32_t seq, int which, int64_t first, uint32_t n, float* out) const {
@@ -255,7 +300,8 @@ void Cache::read(uint32_t seq, int which, int64_t first, uint32_t n, float* out)
       const float s = sp ? load_scale(sp, 0, p.scale_f16) : 0.0f;
       decode_row(p.codec, row(which, seq, h, slot), s, x.data());
       float* o = out + (size_t(t) * cfg_.num_kv_heads + h) * d;
-      for (uint32_t i = 0; i < d; ++i) o[i] = static_cast<float>(x[i]);
+      const float* mu = which == 0 ? k_center(seq) : nullptr;
+      for (uint32_t i = 0; i < d; ++i) o[i] = static_cast<float>(x[i] + (mu ? double(mu[size_t(h) * d + i]) : 0.0));
     }
   }
 }

@@ -51,6 +51,9 @@ class Cache {
   const Plane& plane(int which) const { return which == 0 ? k_ : v_; }
   const float* signs() const { return signs_.data(); }
   int64_t length(uint32_t seq) const;
+  // Key mean of seq ([num_kv_heads][head_dim]), or nullptr when keys are stored as they are.
+  const float* k_center(uint32_t seq) const;
+  void set_k_center(uint32_t seq, const float* mu);
   // Oldest position still resident in seq.
   int64_t first_resident(uint32_t seq) const;
   uint32_t slot_of(int64_t pos) const { return static_cast<uint32_t>(ring() ? pos % cfg_.capacity : pos); }
@@ -68,12 +71,15 @@ class Cache {
   void check_seq(uint32_t seq, const char* what) const;
   void check_room(uint32_t seq, uint32_t n_tokens) const;
   Encoded encode(uint32_t n_tokens, tqkv_dtype dtype, const void* k, const void* v, uint32_t seq) const;
+  bool centers_k() const;  // K is a quantized type, so a mean helps
   void commit(uint32_t seq, const Encoded& e);
 
   tqkv_cache_config cfg_;
   std::vector<float> signs_;
   Plane k_, v_;
   std::vector<int64_t> lengths_;
+  std::vector<float> centers_;     // [seq][kv_head][head_dim]
+  std::vector<uint8_t> has_center_;  // [seq]
 };
 
 }  // namespace tqkv::core

@@ -51,6 +51,7 @@ struct Driver {
   uint32_t d, hkv, hq, g, nq, qb;  // qb: queries per block
   uint32_t ktype, vtype;
   std::vector<float> qprep;  // [kv_head][query][g][d], K's kernel order, pre-scaled
+  std::vector<float> bias;   // [kv_head][query][g]: scale * q . mu (key centering), empty if none
   std::vector<Block> blocks;
   std::vector<Item> items;
   std::vector<std::vector<uint32_t>> items_of;  // [block * hkv + kv_head]
@@ -75,6 +76,26 @@ struct Driver {
         float* dst = qprep.data() + ((size_t(h / g) * nq + i) * g + h % g) * d;
         for (uint32_t x = 0; x < d; ++x) dst[fmt::kernel_position(ktype, x)] = tmp[x] * qscale;
       }
+  }
+
+  // Key centering stores k - mu; every score of a (query, head) then lacks the constant
+  // scale * q . mu, computed here once in double.
+  void prepare_bias(const float* q) {
+    bool any = false;
+    for (const auto& qp : plan.queries) any = any || c.k_center(qp.seq) != nullptr;
+    if (!any) return;
+    bias.assign(size_t(hkv) * nq * g, 0.0f);
+    for (uint32_t i = 0; i < nq; ++i) {
+      const float* mu = c.k_center(plan.queries[i].seq);
+      if (!mu) continue;
+      for (uint32_t h = 0; h < hq; ++h) {
+        const float* qh = q + (size_t(i) * hq + h) * d;
+        const float* m = mu + size_t(h / g) * d;
+        double dot = 0;
+        for (uint32_t x = 0; x < d; ++x) dot += double(qh[x]) * m[x];
+        bias[(size_t(h / g) * nq + i) * g + h % g] = static_cast<float>(double(plan.scale) * dot);
+      }
+    }
   }
 
   void make_items() {
@@ -119,6 +140,7 @@ struct Driver {
         t.n = runs[ri].n;
         t.q = qprep.data() + ((size_t(kvh) * nq + blk.first + a) * g + r0) * d;
         t.softcap = plan.softcap;
+        if (!bias.empty() && plan.softcap > 0) t.bias = bias.data() + (size_t(kvh) * nq + blk.first + a) * g + r0;
         const size_t row0 = it * state_rows + size_t(a) * g + r0;
         t.acc = acc.data() + row0 * d;
         t.m = ms.data() + row0;
@@ -168,9 +190,14 @@ struct Driver {
           const uint32_t kvh = h / g;
           const size_t row = size_t(i) * g + h % g;
           const auto& mine = items_of[size_t(bi) * hkv + kvh];
+          // Without a softcap the centering offset is a constant shift of every score: add it
+          // to the running maxima here (exact); with a softcap the kernel already added it.
+          const double shift =
+              !bias.empty() && plan.softcap == 0 ? double(bias[(size_t(kvh) * nq + qi) * g + h % g]) : 0.0;
+          auto mval = [&](uint32_t it) { return double(ms[it * state_rows + row]) + shift; };
           double m = -std::numeric_limits<double>::infinity();
           for (uint32_t it : mine)
-            if (ls[it * state_rows + row] > 0) m = std::max(m, double(ms[it * state_rows + row]));
+            if (ls[it * state_rows + row] > 0) m = std::max(m, mval(it));
           const double sink = plan.sinks ? double(plan.sinks[h]) : -std::numeric_limits<double>::infinity();
           const double mt = std::max(m, sink);
           double l = plan.sinks ? std::exp(sink - mt) : 0.0;
@@ -180,7 +207,7 @@ struct Driver {
             const float li = ls[it * state_rows + row];
             if (!(li > 0)) continue;
             any = true;
-            const double w = std::exp(double(ms[it * state_rows + row]) - mt);
+            const double w = std::exp(mval(it) - mt);
             l += w * li;
             const float* a = acc.data() + (it * state_rows + row) * d;
             for (uint32_t x = 0; x < d; ++x) o[x] += w * a[x];
@@ -217,6 +244,8 @@ void attend_impl(const core::Cache& c, const core::AttnPlan& plan, const float* 
   if (!simd_handles(c.plane(0).type) || !simd_handles(c.plane(1).type)) fn = &process_range_generic;
   Driver dr(c, plan, fn);
   dr.prepare_queries(q);
+  dr.prepare_bias(q);
+  if (!dr.bias.empty() && plan.softcap > 0) dr.range_fn = &process_range_generic;
   dr.make_items();
   const long long n_items = static_cast<long long>(dr.items.size());
   const int threads = static_cast<int>(std::max<long long>(1, std::min<long long>(plan.num_threads, n_items)));

@@ -28,6 +28,10 @@ struct RangeTask {
   // logit scale and, for TQ K, rotated and divided by sqrt(d): score = scale_k * dot(q, centroid[idx]).
   const float* q = nullptr;
   float softcap = 0;  // 0 = off, else s -> softcap * tanh(s / softcap)
+  // [g] added to each head's scores before the softcap (key centering), or nullptr. Only the
+  // portable loop takes it: the driver adds constant offsets after the fact when there is no
+  // softcap, which is exact, and routes the rare softcap case here.
+  const float* bias = nullptr;
   // Running online-softmax state, updated in place. acc is [g][d] in V's kernel order and
   // unnormalized; a TQ V row contributes p * scale_v * centroid[idx] (the 1/sqrt(d) is applied
   // once by the driver). m starts at -inf and l at 0.

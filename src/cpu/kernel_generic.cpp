@@ -47,7 +47,7 @@ void process_range_generic(const RangeTask& t) {
       const float* q = t.q + size_t(h) * d;
       float dot = 0;
       for (uint32_t i = 0; i < d; ++i) dot += q[i] * krow[i];
-      float s = dot * ks;
+      float s = dot * ks + (t.bias ? t.bias[h] : 0.0f);
       if (t.softcap > 0) s = t.softcap * std::tanh(s / t.softcap);
       const float m_old = t.m[h];
       const float m_new = std::max(m_old, s);

@@ -57,6 +57,9 @@ class Model {
 // K and V storage types of one layer.
 struct LayerCache {
   tqkv_type k = TQKV_TYPE_F32, v = TQKV_TYPE_F32;
+  // Key centering (tqkv_center) for TurboQuant keys: exact, and it halves the key error on
+  // real models. The llama.cpp baselines (q8_0, q4_0) never center, as llama.cpp does not.
+  bool center_tq_keys = true;
 };
 
 // Parses a cache type name: f32, f16, q8_0, q4_0, q8_0-rot, q4_0-rot, tq2, tq3, tq4, tq8.
