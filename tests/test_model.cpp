@@ -94,8 +94,14 @@ TEST(Model, PrefillInChunksEqualsTokenByTokenDecode) {
   if (!m) return;
   const auto tokens = gpl_tokens(*m, 40);
   const uint32_t vocab = m->config().vocab;
-  for (const char* type : {"f32", "tq4"}) {
-    const LayerCache lc{parse_cache_type(type), parse_cache_type(type)};
+  // Each row is encoded on its own, so chunking must not matter beyond the last-bit differences
+  // of batched matrix products. Key centering is off here because its mean comes from the first
+  // chunk, which chunking changes by design. llama.cpp's q4_0/q8_0 are left out: their block
+  // scale jumps when the largest element changes (q4_0 keeps its sign), so those last-bit
+  // differences flip whole blocks (measured: up to 0.2 relative logit change).
+  for (const char* type : {"f32", "f16", "tq4", "tq8", "tq2"}) {
+    LayerCache lc{parse_cache_type(type), parse_cache_type(type)};
+    lc.center_tq_keys = false;
     Session a(m, std::vector<LayerCache>(m->config().n_layers, lc), 64, 64, 2);
     Session b(m, std::vector<LayerCache>(m->config().n_layers, lc), 64, 7, 2);
     std::vector<float> la(vocab), lb(vocab);
@@ -109,6 +115,7 @@ TEST(Model, PrefillInChunksEqualsTokenByTokenDecode) {
       e += (double(la[i]) - lb[i]) * (double(la[i]) - lb[i]);
       r += double(la[i]) * la[i];
     }
+    std::printf("%s: chunked vs one-shot logits rel. error %.3g\n", type, std::sqrt(e / r));
     EXPECT_LT(std::sqrt(e / r), 1e-4) << type;
     EXPECT_EQ(a.position(), 40);
   }
