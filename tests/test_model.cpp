@@ -110,13 +110,28 @@ TEST(Model, PrefillInChunksEqualsTokenByTokenDecode) {
       const size_t n = std::min<size_t>(7, tokens.size() - i);
       b.forward(std::span<const int32_t>(tokens.data() + i, n), 1, lb.data());
     }
-    double e = 0, r = 0;
+    double e = 0, r = 0, ma = -1e30, mb = -1e30, sa = 0, sb = 0, kl = 0;
     for (uint32_t i = 0; i < vocab; ++i) {
       e += (double(la[i]) - lb[i]) * (double(la[i]) - lb[i]);
       r += double(la[i]) * la[i];
+      ma = std::max(ma, double(la[i]));
+      mb = std::max(mb, double(lb[i]));
     }
-    std::printf("%s: chunked vs one-shot logits rel. error %.3g\n", type, std::sqrt(e / r));
-    EXPECT_LT(std::sqrt(e / r), 1e-4) << type;
+    for (uint32_t i = 0; i < vocab; ++i) {
+      sa += std::exp(la[i] - ma);
+      sb += std::exp(lb[i] - mb);
+    }
+    for (uint32_t i = 0; i < vocab; ++i) {
+      const double pa = la[i] - ma - std::log(sa), pb = lb[i] - mb - std::log(sb);
+      kl += std::exp(pa) * (pa - pb);
+    }
+    std::printf("%s: chunked vs one-shot logits rel. error %.3g, KL %.3g\n", type, std::sqrt(e / r), kl);
+    // f32 carries only the matrix products' rounding; quantized caches may also flip an index
+    // where that rounding crosses a decision boundary, which must stay invisible in the output.
+    if (std::string(type) == "f32") {
+      EXPECT_LT(std::sqrt(e / r), 1e-4);
+    }
+    EXPECT_LT(kl, 2e-3) << type;
     EXPECT_EQ(a.position(), 40);
   }
 }
