@@ -19,6 +19,8 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Once upon a time, in a small village at the edge of the forest, there lived an old clockmaker who",
     "Q: What is the capital of France?\nA: The capital of France is Paris.\nQ: What is 12 times 12?\nA:",
+    # Longer than Gemma 3's 512-token sliding window, so its local layers must drop old positions.
+    open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read()[:3600],
 ]
 FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3": "gemma-3-270m-q4_k_m.gguf"}
 

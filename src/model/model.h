@@ -60,6 +60,7 @@ struct LayerCache {
   // Key centering (tqkv_center) for TurboQuant keys: exact, and it halves the key error on
   // real models. The llama.cpp baselines (q8_0, q4_0) never center, as llama.cpp does not.
   bool center_tq_keys = true;
+  bool scale_f16 = false;  // TurboQuant row scales as f16 (2 bytes instead of 4)
 };
 
 // Parses a cache type name: f32, f16, q8_0, q4_0, q8_0-rot, q4_0-rot, tq2, tq3, tq4, tq8.

@@ -74,6 +74,7 @@ Session::Session(std::shared_ptr<const Model> model, std::vector<LayerCache> cac
     const bool tq_k = cfg.k_type == TQKV_TYPE_TQ2 || cfg.k_type == TQKV_TYPE_TQ3 || cfg.k_type == TQKV_TYPE_TQ4 ||
                       cfg.k_type == TQKV_TYPE_TQ8;
     cfg.k_center = tq_k && types_[l].center_tq_keys ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
+    cfg.scale_dtype = types_[l].scale_f16 ? TQKV_SCALE_F16 : TQKV_SCALE_F32;
     // A sliding layer keeps only what a window needs; the chunk's own tokens must not evict
     // positions its earlier tokens still see, hence window + chunk - 1.
     if (c.layer_sliding[l] && uint64_t(c.sliding_window) + max_chunk - 1 < max_ctx) {

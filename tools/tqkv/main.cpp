@@ -89,7 +89,9 @@ int main(int argc, char** argv) {
   ppl->add_option("--batch", pc.batch, "tokens per forward call (prefill chunk)")->capture_default_str();
   ppl->add_option("--cache-k", pc.cache_k, "K cache type: f32 f16 q8_0 q4_0 q8_0-rot q4_0-rot tq2 tq3 tq4 tq8")->capture_default_str();
   ppl->add_option("--cache-v", pc.cache_v, "V cache type (same names)")->capture_default_str();
-  ppl->add_option("--policy", pc.policy, "per-layer overrides, e.g. first2=tq8,last2=tq8,10-12=f16/tq4");
+  ppl->add_option("--policy", pc.cache.policy, "per-layer overrides, e.g. first2=tq8,last2=tq8,10-12=f16/tq4");
+  ppl->add_option("--k-center", pc.cache.center, "center TurboQuant keys (exact; 1 or 0)")->capture_default_str();
+  ppl->add_flag("--scale-f16", pc.cache.scale_f16, "store TurboQuant row scales as f16");
   ppl->add_option("--compare", pc.compare, "several cache types in one run, e.g. f16,q4_0-rot,tq8/tq4,tq4");
   ppl->add_option("--threads", pc.threads, "threads (0 = all)")->capture_default_str();
   ppl->add_flag("--json", pc.json, "print JSON");
@@ -101,7 +103,9 @@ int main(int argc, char** argv) {
   gen->add_option("-n,--n-tokens", gc.n_tokens, "tokens to generate")->capture_default_str();
   gen->add_option("--cache-k", gc.cache_k, "K cache type")->capture_default_str();
   gen->add_option("--cache-v", gc.cache_v, "V cache type")->capture_default_str();
-  gen->add_option("--policy", gc.policy, "per-layer overrides");
+  gen->add_option("--policy", gc.cache.policy, "per-layer overrides");
+  gen->add_option("--k-center", gc.cache.center, "center TurboQuant keys (exact; 1 or 0)")->capture_default_str();
+  gen->add_flag("--scale-f16", gc.cache.scale_f16, "store TurboQuant row scales as f16");
   gen->add_option("--temp", gc.temperature, "sampling temperature (0 = greedy)")->capture_default_str();
   gen->add_option("--seed", gc.seed, "sampling seed")->capture_default_str();
   gen->add_option("--threads", gc.threads, "threads (0 = all)")->capture_default_str();

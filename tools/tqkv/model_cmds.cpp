@@ -52,7 +52,16 @@ std::string read_text(const std::string& path) {
   return ss.str();
 }
 
-std::vector<CacheSetup> parse_compare(const std::string& list, const std::string& policy, uint32_t n_layers) {
+static std::vector<LayerCache> layers_for(LayerCache lc, const CacheOptions& o, uint32_t n_layers) {
+  auto layers = model::parse_policy(o.policy, n_layers, lc);
+  for (auto& l : layers) {
+    l.center_tq_keys = o.center;
+    l.scale_f16 = o.scale_f16;
+  }
+  return layers;
+}
+
+std::vector<CacheSetup> parse_compare(const std::string& list, const CacheOptions& o, uint32_t n_layers) {
   std::vector<CacheSetup> out;
   std::stringstream ss(list);
   std::string item;
@@ -62,7 +71,7 @@ std::vector<CacheSetup> parse_compare(const std::string& list, const std::string
     LayerCache lc;
     lc.k = model::parse_cache_type(item.substr(0, slash));
     lc.v = slash == std::string::npos ? lc.k : model::parse_cache_type(item.substr(slash + 1));
-    out.push_back({item, model::parse_policy(policy, n_layers, lc)});
+    out.push_back({item, layers_for(lc, o, n_layers)});
   }
   if (out.empty()) invalid("--compare: no cache types given");
   return out;
@@ -99,11 +108,10 @@ nlohmann::json perplexity(const PerplexityCmd& o) {
   const auto tokens = m->tokenizer().encode(text, false);
   std::vector<CacheSetup> setups;
   if (!o.compare.empty()) {
-    setups = parse_compare(o.compare, o.policy, c.n_layers);
+    setups = parse_compare(o.compare, o.cache, c.n_layers);
   } else {
     LayerCache lc{model::parse_cache_type(o.cache_k), model::parse_cache_type(o.cache_v)};
-    setups.push_back({o.cache_k == o.cache_v ? o.cache_k : o.cache_k + "/" + o.cache_v,
-                      model::parse_policy(o.policy, c.n_layers, lc)});
+    setups.push_back({o.cache_k == o.cache_v ? o.cache_k : o.cache_k + "/" + o.cache_v, layers_for(lc, o.cache, c.n_layers)});
   }
   model::PerplexityOptions po;
   po.ctx = o.ctx;
@@ -119,7 +127,9 @@ nlohmann::json perplexity(const PerplexityCmd& o) {
   r["text"] = o.file;
   r["text_tokens"] = tokens.size();
   r["ctx"] = o.ctx;
-  r["policy"] = o.policy;
+  r["policy"] = o.cache.policy;
+  r["k_center"] = o.cache.center;
+  r["scale_f16"] = o.cache.scale_f16;
   nlohmann::json arr = nlohmann::json::array();
   for (const auto& row : rows)
     arr.push_back({{"cache", row.label},          {"ppl", row.ppl},
@@ -134,10 +144,11 @@ nlohmann::json perplexity(const PerplexityCmd& o) {
 }
 
 void print_perplexity(const nlohmann::json& r) {
-  ::fmt::print("{}: ctx {}, {} scored tokens per cache, text {} ({} tokens){}\n", r["model"].get<std::string>(),
-               r["ctx"].get<int>(), r["rows"][0]["scored_tokens"].get<uint64_t>(), r["text"].get<std::string>(),
-               r["text_tokens"].get<uint64_t>(),
-               r["policy"].get<std::string>().empty() ? "" : ", policy " + r["policy"].get<std::string>());
+  ::fmt::print("{}: ctx {}, {} scored tokens per cache, text {} ({} tokens){}; TQ keys {}centered{}\n",
+               r["model"].get<std::string>(), r["ctx"].get<int>(), r["rows"][0]["scored_tokens"].get<uint64_t>(),
+               r["text"].get<std::string>(), r["text_tokens"].get<uint64_t>(),
+               r["policy"].get<std::string>().empty() ? "" : ", policy " + r["policy"].get<std::string>(),
+               r["k_center"].get<bool>() ? "" : "not ", r["scale_f16"].get<bool>() ? ", f16 TQ scales" : "");
   ::fmt::print("{:>12} {:>17} {:>10} {:>10} {:>7} {:>12} {:>8} {:>14}\n", "cache", "PPL", "KL mean", "KL p99", "top-1",
                "KV B/token", "tok/s", "rows read");
   const double f32_bytes = double(r["rows"][0]["kv_bytes_per_token"].get<uint64_t>());
@@ -162,7 +173,7 @@ void generate(const GenerateCmd& o) {
   auto m = model::Model::load(path);
   const auto& c = m->config();
   LayerCache lc{model::parse_cache_type(o.cache_k), model::parse_cache_type(o.cache_v)};
-  const auto layers = model::parse_policy(o.policy, c.n_layers, lc);
+  const auto layers = layers_for(lc, o.cache, c.n_layers);
   const std::string prompt = o.chat ? chat_prompt(c.arch, o.prompt) : o.prompt;
   auto toks = m->tokenizer().encode(prompt, true);
   if (toks.empty()) invalid("--prompt: encodes to no tokens");
