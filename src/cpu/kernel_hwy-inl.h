@@ -68,12 +68,44 @@ struct Codebook {
 };
 
 // centroid[idx] for 1 << B entries; idx in [0, 1 << B).
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+constexpr bool kPermute2 = true;  // vpermt2ps: one lookup in 32 entries
+HWY_INLINE VF Lookup32(const float* HWY_RESTRICT tab, VI idx) {
+  const DF df;
+  return VF{_mm512_permutex2var_ps(hn::LoadU(df, tab).raw, idx.raw, hn::LoadU(df, tab + 16).raw)};
+}
+#else
+constexpr bool kPermute2 = false;
+HWY_INLINE VF Lookup32(const float*, VI) { return VF(); }
+#endif
+
+// Select tree: parts[i] holds the lookup for high bits i of idx (from bit `lsb` up).
+template <uint32_t kParts>
+HWY_INLINE VF SelectByHighBits(VF* part, VI idx, uint32_t lsb) {
+  const DF df;
+  const DI di;
+  TQKV_UNROLL
+  for (uint32_t bit = lsb, width = kParts; width > 1; bit <<= 1, width >>= 1) {
+    const auto m = hn::RebindMask(df, hn::TestBit(idx, hn::Set(di, int32_t(bit))));
+    TQKV_UNROLL
+    for (uint32_t i = 0; i < width / 2; ++i) part[i] = hn::IfThenElse(m, part[2 * i + 1], part[2 * i]);
+  }
+  return part[0];
+}
+
 template <uint32_t B>
 HWY_INLINE VF Lookup(const Codebook& cb, VI idx) {
   const DF df;
   const DI di;
   constexpr uint32_t K = 1u << B;
-  if constexpr (B == 8 || kN < 4) {
+  if constexpr (B == 8 && kPermute2) {
+    // Gathers are microcoded and slow on AMD; eight 32-entry permutes and a 3-level select
+    // cost about half as much per vector.
+    VF part[8];
+    TQKV_UNROLL
+    for (uint32_t i = 0; i < 8; ++i) part[i] = Lookup32(cb.c + 32 * i, idx);
+    return SelectByHighBits<8>(part, idx, 32);
+  } else if constexpr (B == 8 || kN < 4) {
     return hn::GatherIndex(df, cb.c, idx);
   } else if constexpr (K <= kN) {
     // One table register: vpermps on AVX-512 (TQ2, TQ3, TQ4), AVX2 (TQ2, TQ3).
@@ -85,13 +117,7 @@ HWY_INLINE VF Lookup(const Codebook& cb, VI idx) {
     VF part[kTabs];
     TQKV_UNROLL
     for (uint32_t i = 0; i < kTabs; ++i) part[i] = hn::TableLookupLanes(hn::LoadU(df, cb.tab + i * kN), lo);
-    TQKV_UNROLL
-    for (uint32_t bit = kN, width = kTabs; width > 1; bit <<= 1, width >>= 1) {
-      const auto m = hn::RebindMask(df, hn::TestBit(idx, hn::Set(di, int32_t(bit))));
-      TQKV_UNROLL
-      for (uint32_t i = 0; i < width / 2; ++i) part[i] = hn::IfThenElse(m, part[2 * i + 1], part[2 * i]);
-    }
-    return part[0];
+    return SelectByHighBits<kTabs>(part, idx, kN);
   }
 }
 
