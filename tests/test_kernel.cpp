@@ -84,10 +84,25 @@ struct Span {
   }
 };
 
+// `offset` floats past a 64-byte boundary: the kernel must not depend on the caller's alignment.
+struct Floats {
+  std::vector<float> storage;
+  float* p;
+  Floats(const std::vector<float>& v, size_t offset) : storage(v.size() + 16 + offset) {
+    p = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float) + offset;
+    std::copy(v.begin(), v.end(), p);
+  }
+  float& operator[](size_t i) { return p[i]; }
+  float operator[](size_t i) const { return p[i]; }
+};
+
 struct State {
-  std::vector<float> acc, m, l;
-  State(uint32_t g, uint32_t d)
-      : acc(size_t(g) * d, 0.0f), m(g, -std::numeric_limits<float>::infinity()), l(g, 0.0f) {}
+  Floats acc;
+  std::vector<float> m, l;
+  State(uint32_t g, uint32_t d, size_t offset = 0)
+      : acc(std::vector<float>(size_t(g) * d, 0.0f), offset),
+        m(g, -std::numeric_limits<float>::infinity()),
+        l(g, 0.0f) {}
 };
 
 RangeTask make_task(const Span& k, const Span& v, const float* q, uint32_t g, uint32_t first, uint32_t n,
@@ -100,7 +115,7 @@ RangeTask make_task(const Span& k, const Span& v, const float* q, uint32_t g, ui
   t.n = n;
   t.q = q;
   t.softcap = softcap;
-  t.acc = st.acc.data();
+  t.acc = st.acc.p;
   t.m = st.m.data();
   t.l = st.l.data();
   return t;
@@ -119,9 +134,9 @@ struct Err {
   double worst() const { return std::max({acc, l, m}); }
 };
 
-template <class T>
-Err compare(const State& got, const std::vector<T>& acc, const std::vector<T>& m, const std::vector<T>& l,
-            uint32_t g, uint32_t d) {
+template <class A, class T>
+Err compare(const State& got, const A& acc, const std::vector<T>& m, const std::vector<T>& l, uint32_t g,
+            uint32_t d) {
   Err e;
   // m is a logit; a small one can come out of cancellation, so it is measured against the
   // largest logit of the group rather than itself.
@@ -157,6 +172,9 @@ std::vector<float> random_q(uint32_t d, float magnitude, std::mt19937& rng) {
 // The targets compiled here (same HWY_TARGETS policy as kernel_hwy.cpp) that this CPU runs.
 std::vector<int64_t> targets() { return hwy::SupportedAndGeneratedTargets(); }
 
+void process_range_f64(const Span& k, const Span& v, const float* q, uint32_t g, uint32_t n, float softcap,
+                       bool f16, std::vector<double>& acc, std::vector<double>& m, std::vector<double>& l);
+
 // Both sides round the d-term dot products differently (the generic one sums sequentially), and
 // an absolute logit error e is a relative error e of every weight: the bound grows like sqrt(d).
 double tolerance(uint32_t d) { return 1e-5 * std::sqrt(d / 64.0); }
@@ -180,16 +198,18 @@ TEST(Kernel, MatchesGenericEverywhere) {
             for (uint32_t g : kGs) {
               for (uint32_t n : kNs) {
                 const uint32_t first = n == kMaxN ? 0 : 3;
+                const size_t misalign = (g + n) % 2;  // q and acc 4 bytes past a 64-byte boundary
+                const Floats qa(q, misalign);
                 State want(g, d);
-                process_range_generic(make_task(k, v, q.data(), g, first, n, cap, f16, want));
+                process_range_generic(make_task(k, v, qa.p, g, first, n, cap, f16, want));
                 for (size_t ti = 0; ti < tg.size(); ++ti) {
                   hwy::SetSupportedTargetsForTest(tg[ti]);
-                  State once(g, d);
-                  process_range(make_task(k, v, q.data(), g, first, n, cap, f16, once));
-                  State split(g, d);
+                  State once(g, d, misalign);
+                  process_range(make_task(k, v, qa.p, g, first, n, cap, f16, once));
+                  State split(g, d, misalign);
                   const uint32_t n1 = n / 2;
-                  if (n1 > 0) process_range(make_task(k, v, q.data(), g, first, n1, cap, f16, split));
-                  process_range(make_task(k, v, q.data(), g, first + n1, n - n1, cap, f16, split));
+                  if (n1 > 0) process_range(make_task(k, v, qa.p, g, first, n1, cap, f16, split));
+                  process_range(make_task(k, v, qa.p, g, first + n1, n - n1, cap, f16, split));
                   Err e = compare(once, want, g, d);
                   e.merge(compare(split, want, g, d));
                   worst[ti].merge(e);
@@ -223,6 +243,53 @@ TEST(Kernel, TargetName) {
   }
   hwy::SetSupportedTargetsForTest(0);
   printf("  process_range dispatches to %s\n", simd_target_name());
+}
+
+// Logit sequences that stress the online softmax: the running max moving at every row, never
+// moving, creeping up by less than any rebase threshold, a range that underflows exp, ties,
+// isolated spikes. K is dense so that the logits are exactly (h + 1) * a_j.
+TEST(Kernel, ScorePatterns) {
+  std::mt19937 rng(7);
+  const uint32_t d = 128, g = 3, n = 257;
+  Span k(fmt::F32, d, 0, rng);
+  const Span v(fmt::TQ4, d, 0, rng);
+  std::vector<float> q(size_t(kMaxG) * d, 0.0f);
+  for (uint32_t h = 0; h < g; ++h) q[h * d] = 1.0f + float(h);
+  std::uniform_real_distribution<float> wide(-1000.0f, 1000.0f);
+  const char* names[] = {"ramp up", "ramp down", "creep", "huge range", "ties", "spikes"};
+  for (int pattern = 0; pattern < 6; ++pattern) {
+    for (uint32_t j = 0; j < kMaxN; ++j) {
+      const float x = float(j);
+      const float a = pattern == 0 ? 0.5f * x
+                      : pattern == 1 ? -0.5f * x
+                      : pattern == 2 ? 0.01f * x
+                      : pattern == 3 ? wide(rng)
+                      : pattern == 4 ? 3.0f
+                                     : (j % 50 == 49 ? 20.0f : 0.0f);
+      float* row = reinterpret_cast<float*>(k.rows + j * k.stride);
+      std::fill(row, row + d, 0.0f);
+      row[0] = a;
+    }
+    for (float cap : {0.0f, 30.0f}) {
+      State want(g, d);
+      process_range_generic(make_task(k, v, q.data(), g, 0, n, cap, false, want));
+      std::vector<double> acc, m, l;
+      process_range_f64(k, v, q.data(), g, n, cap, false, acc, m, l);
+      for (int64_t target : targets()) {
+        hwy::SetSupportedTargetsForTest(target);
+        for (uint32_t split : {0u, 1u, 40u, 100u}) {
+          State got(g, d);
+          if (split > 0) process_range(make_task(k, v, q.data(), g, 0, split, cap, false, got));
+          process_range(make_task(k, v, q.data(), g, split, n - split, cap, false, got));
+          const Err e = compare(got, want, g, d), e64 = compare(got, acc, m, l, g, d);
+          EXPECT_TRUE(e.finite && e.worst() <= 1e-5 && e64.worst() <= 1e-5)
+              << hwy::TargetName(target) << " " << names[pattern] << " cap=" << cap << " split=" << split
+              << ": vs generic " << e.worst() << ", vs float64 " << e64.worst();
+        }
+      }
+      hwy::SetSupportedTargetsForTest(0);
+    }
+  }
 }
 
 // float64 evaluation of the specification.

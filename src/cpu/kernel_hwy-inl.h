@@ -46,9 +46,9 @@ using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
 
 constexpr uint32_t kN = static_cast<uint32_t>(hn::MaxLanes(DF()));
-constexpr uint32_t kTile = 16;               // rows per tile
-constexpr uint32_t kGroups = kTile / kN;     // score vectors per head and tile
-constexpr uint32_t kMaxG = 16;               // heads per call (RangeTask contract)
+constexpr uint32_t kTile = 32;  // rows per tile
+constexpr uint32_t kGroups = kTile / kN;  // score vectors per head and tile
+constexpr uint32_t kMaxG = 16;  // heads per call (RangeTask contract)
 #if (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3) || HWY_ARCH_ARM_A64
 constexpr uint32_t kRegs = 32;
 #else
@@ -460,13 +460,14 @@ HWY_NOINLINE void SoftmaxTile(Ctx& c, const RangeTask& t, uint32_t nt, float* HW
     VF mx = hn::Set(df, kNegInf);
     TQKV_UNROLL
     for (uint32_t i = 0; i < kGroups; ++i) {
+      if (HWY_UNLIKELY(nt <= i * kN)) {  // past the end of the run
+        s[i] = hn::Set(df, kNegInf);
+        continue;
+      }
       s[i] = TransposeSum(df, ph + i * kN * kN);
       if constexpr (kScaleK) s[i] = hn::Mul(s[i], hn::Load(df, c.ks + i * kN));
       if constexpr (kCap) s[i] = hn::Mul(cap, hn::Tanh(df, hn::Div(s[i], cap)));
-      if (nt < (i + 1) * kN) {
-        const size_t valid = nt > i * kN ? nt - i * kN : 0;
-        s[i] = hn::IfThenElse(hn::FirstN(df, valid), s[i], hn::Set(df, kNegInf));
-      }
+      if (nt < (i + 1) * kN) s[i] = hn::IfThenElse(hn::FirstN(df, nt - i * kN), s[i], hn::Set(df, kNegInf));
       mx = hn::Max(mx, s[i]);
     }
     float* HWY_RESTRICT smax = c.smax + h * kN;
