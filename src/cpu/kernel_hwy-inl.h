@@ -125,9 +125,17 @@ HWY_INLINE VF Lookup(const Codebook& cb, VI idx) {
 // A row is decoded in units: the vectors one load of packed bytes yields. Vector j (decode
 // order) covers the kN kernel-order coordinates starting at VecPos(j).
 
+// AVX-512BW turns 64 plane bits into 64 byte lanes with one masked move, so TQ3 indices are
+// built for 64 coordinates at once and then widened.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+constexpr bool kByteMasks = true;
+#else
+constexpr bool kByteMasks = false;
+#endif
+
 template <uint32_t T>
 constexpr uint32_t UnitVecs() {
-  return T == fmt::TQ4 ? 2 : T == fmt::TQ2 ? 4 : 1;
+  return T == fmt::TQ4 ? 2 : T == fmt::TQ2 ? 4 : (T == fmt::TQ3 && kByteMasks) ? 4 : 1;
 }
 
 template <uint32_t T>
@@ -159,6 +167,24 @@ HWY_INLINE M PlaneMask(const uint8_t* plane, uint32_t c) {
   }
 }
 
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+// Indices of 64 TQ3 coordinates (8 bytes of each plane) as 4 vectors of i32 (bit-cast to float
+// for the caller's array).
+HWY_INLINE void TQ3Indices64(const uint8_t* HWY_RESTRICT p, uint32_t plane, VF* out) {
+  const hn::Repartition<uint8_t, DF> d8x64;
+  const auto idx = hn::Or(hn::Or(hn::IfThenElseZero(hn::LoadMaskBits(d8x64, p), hn::Set(d8x64, 1)),
+                                 hn::IfThenElseZero(hn::LoadMaskBits(d8x64, p + plane), hn::Set(d8x64, 2))),
+                          hn::IfThenElseZero(hn::LoadMaskBits(d8x64, p + 2 * plane), hn::Set(d8x64, 4)));
+  const __m512i raw = idx.raw;
+  out[0] = VF{_mm512_castsi512_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(raw)))};
+  out[1] = VF{_mm512_castsi512_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(raw, 1)))};
+  out[2] = VF{_mm512_castsi512_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(raw, 2)))};
+  out[3] = VF{_mm512_castsi512_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(raw, 3)))};
+}
+#else
+HWY_INLINE void TQ3Indices64(const uint8_t*, uint32_t, VF*) {}
+#endif
+
 template <uint32_t T, uint32_t D>
 HWY_INLINE void DecodeUnit(const Codebook& cb, const uint8_t* HWY_RESTRICT row, uint32_t u, VF* out) {
   const DF df;
@@ -184,8 +210,14 @@ HWY_INLINE void DecodeUnit(const Codebook& cb, const uint8_t* HWY_RESTRICT row, 
     out[3] = Lookup<2>(cb, hn::ShiftRight<6>(x));
   } else {
     static_assert(T == fmt::TQ3, "unknown type");
-    using MI = hn::Mask<DI>;
     constexpr uint32_t kPlane = D / 8;
+    if constexpr (kByteMasks) {
+      TQ3Indices64(row + u * 8, kPlane, out);
+      TQKV_UNROLL
+      for (uint32_t k = 0; k < 4; ++k) out[k] = Lookup<3>(cb, hn::BitCast(di, out[k]));
+      return;
+    }
+    using MI = hn::Mask<DI>;
     const uint32_t c = u * kN;
     const MI b0 = hn::RebindMask(di, PlaneMask<hn::Mask<DF>>(row, c));
     const MI b1 = hn::RebindMask(di, PlaneMask<hn::Mask<DF>>(row + kPlane, c));
