@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -31,7 +33,8 @@ constexpr uint32_t kMaxN = 257, kMaxG = 16;
 struct Span {
   uint32_t type = 0, d = 0;
   size_t stride = 0;
-  std::vector<uint8_t> bytes;  // over-allocated so that rows can start on a 64-byte boundary
+  // Exactly kMaxN rows on a 64-byte boundary, so that AddressSanitizer sees any read past them.
+  std::unique_ptr<uint8_t, decltype(&free)> bytes{nullptr, &free};
   uint8_t* rows = nullptr;
   std::vector<float> scale32;
   std::vector<uint16_t> scale16;
@@ -39,8 +42,11 @@ struct Span {
 
   Span(uint32_t t, uint32_t dim, size_t pad, std::mt19937& rng) : type(t), d(dim) {
     stride = fmt::row_stride(t, dim) + pad;
-    bytes.resize(stride * kMaxN + 64);
-    rows = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, stride * kMaxN) != 0) abort();
+    bytes.reset(static_cast<uint8_t*>(p));
+    rows = bytes.get();
+    memset(rows, 0, stride * kMaxN);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     std::uniform_int_distribution<int> byte(0, 255);
     for (uint32_t j = 0; j < kMaxN; ++j) {

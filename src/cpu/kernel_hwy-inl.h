@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 
 #include <hwy/cache_control.h>
 #include <hwy/contrib/math/math-inl.h>
@@ -32,6 +33,18 @@
 #include "core/format.h"
 #include "core/half.h"
 #include "cpu/kernel.h"
+
+#ifndef TQKV_CPU_KERNEL_HWY_SCRATCH_
+#define TQKV_CPU_KERNEL_HWY_SCRATCH_
+namespace tqkv::cpu {
+// Per-thread working memory of process_range (~100 KiB: tile partial sums, aligned copies of q
+// and acc), shared by all targets; thread-local rather than on the caller's stack.
+struct alignas(64) Scratch {
+  unsigned char bytes[112 * 1024];
+};
+inline thread_local Scratch tls_scratch;
+}  // namespace tqkv::cpu
+#endif
 
 HWY_BEFORE_NAMESPACE();
 namespace tqkv::cpu::HWY_NAMESPACE {
@@ -63,8 +76,8 @@ static_assert(kTile % kN == 0, "tile must be a whole number of vectors");
 // Codebook of a TQ span, padded with zeros to 16 entries so that K <= 16 tables are whole
 // vectors; TQ8 (256 entries) gathers from the caller's array instead.
 struct Codebook {
-  alignas(64) float tab[16] = {};
-  const float* c = nullptr;
+  alignas(64) float tab[16];
+  const float* c;
 };
 
 // centroid[idx] for 1 << B entries; idx in [0, 1 << B).
@@ -243,15 +256,16 @@ struct Blocking {
 
 // ---------------------------------------------------------------- per-call state
 
+// Trivially constructible: it lives in the per-thread scratch (ProcessRangeT sets what it uses).
 struct Ctx {
-  uint32_t g = 0, n = 0;
-  const float* q = nullptr;  // [g][d], vector-aligned
+  uint32_t g, n;
+  const float* q;  // [g][d], vector-aligned
   Codebook kcb, vcb;
   // Dense rows are too long for the hardware prefetcher to run far enough ahead; the V rows of
   // a tile are requested while its K rows are scored, the next tile's K rows while V is added.
-  const uint8_t* pf_k = nullptr;  // K rows when dense, else null
-  const uint8_t* pf_v = nullptr;
-  size_t pf_k_stride = 0, pf_v_stride = 0, pf_k_bytes = 0, pf_v_bytes = 0;
+  const uint8_t* pf_k;  // K rows when dense, else null
+  const uint8_t* pf_v;
+  size_t pf_k_stride, pf_v_stride, pf_k_bytes, pf_v_bytes;
   // Per tile scratch: partial[h][r] is one vector of partial dot products; w[h][r] the weight
   // of V row r for head h.
   alignas(64) float partial[kMaxG * kTile * kN];
@@ -268,6 +282,7 @@ struct Ctx {
   alignas(64) float qbuf[kMaxG * 512];
   alignas(64) float accbuf[kMaxG * 512];
 };
+static_assert(sizeof(Ctx) <= sizeof(Scratch) && alignof(Ctx) <= alignof(Scratch), "grow Scratch");
 
 HWY_INLINE void PrefetchRows(const uint8_t* rows, size_t stride, size_t bytes, uint32_t first, uint32_t count) {
   for (uint32_t r = 0; r < count; ++r) {
@@ -602,9 +617,7 @@ HWY_NOINLINE void ProcessRangeT(const RangeTask& t) {
   }
   const bool tq_k = fmt::is_tq(t.k.type), tq_v = fmt::is_tq(t.v.type);
   const SoftmaxFn softmax = PickSoftmax(tq_k, tq_v, t.softcap > 0);
-  // ~90 KiB of scratch: thread-local rather than on the stack of whatever thread calls us.
-  static thread_local Ctx tls;
-  Ctx& c = tls;
+  Ctx& c = *new (tls_scratch.bytes) Ctx;  // no-op constructor: just names the storage
   c.g = t.g;
   c.n = t.n;
   const size_t qa = size_t(t.g) * t.d;
