@@ -198,6 +198,48 @@ HWY_INLINE void TQ3Indices64(const uint8_t* HWY_RESTRICT p, uint32_t plane, VF* 
 HWY_INLINE void TQ3Indices64(const uint8_t*, uint32_t, VF*) {}
 #endif
 
+#if HWY_TARGET == HWY_AVX2
+// AVX2 lookups with raw intrinsics: vpermps reads only 3 index bits and vblendvps only the sign
+// bit, so nibble and crumb fields never need isolating (about half the ops of the generic path,
+// which must keep indices in [0, N) and build full-width masks).
+constexpr bool kAvx2Paths = true;
+
+HWY_INLINE void DecodeTQ4Avx2(const Codebook& cb, const uint8_t* HWY_RESTRICT p, VF* out) {
+  const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256 t0 = _mm256_load_ps(cb.tab), t1 = _mm256_load_ps(cb.tab + 8);
+  const __m256i h = _mm256_srli_epi32(x, 4);
+  out[0] = VF{_mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, x), _mm256_permutevar8x32_ps(t1, x),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(x, 28)))};
+  out[1] = VF{_mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, h), _mm256_permutevar8x32_ps(t1, h),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(x, 24)))};
+}
+
+HWY_INLINE void DecodeTQ2Avx2(const Codebook& cb, const uint8_t* HWY_RESTRICT p, VF* out) {
+  const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256 t = _mm256_load_ps(cb.tab);
+  const __m256 t2 = _mm256_permute2f128_ps(t, t, 0x00);  // c0..c3 twice: bit 2 is don't-care
+  out[0] = VF{_mm256_permutevar8x32_ps(t2, x)};
+  out[1] = VF{_mm256_permutevar8x32_ps(t2, _mm256_srli_epi32(x, 2))};
+  out[2] = VF{_mm256_permutevar8x32_ps(t2, _mm256_srli_epi32(x, 4))};
+  out[3] = VF{_mm256_permutevar8x32_ps(t2, _mm256_srli_epi32(x, 6))};
+}
+
+// 8 coordinates: the three plane bytes side by side in one word, shifted by the lane number,
+// leave bit p of index i at bit 8p; two shifts fold them into bits 0..2.
+HWY_INLINE void DecodeTQ3Avx2(const Codebook& cb, const uint8_t* HWY_RESTRICT p, uint32_t plane, VF* out) {
+  const int w = int(p[0] | uint32_t(p[plane]) << 8 | uint32_t(p[2 * plane]) << 16);
+  const __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                                     _mm256_set1_epi32(0x10101));
+  const __m256i idx = _mm256_or_si256(v, _mm256_or_si256(_mm256_srli_epi32(v, 7), _mm256_srli_epi32(v, 14)));
+  out[0] = VF{_mm256_permutevar8x32_ps(_mm256_load_ps(cb.tab), idx)};
+}
+#else
+constexpr bool kAvx2Paths = false;
+HWY_INLINE void DecodeTQ4Avx2(const Codebook&, const uint8_t*, VF*) {}
+HWY_INLINE void DecodeTQ2Avx2(const Codebook&, const uint8_t*, VF*) {}
+HWY_INLINE void DecodeTQ3Avx2(const Codebook&, const uint8_t*, uint32_t, VF*) {}
+#endif
+
 template <uint32_t T, uint32_t D>
 HWY_INLINE void DecodeUnit(const Codebook& cb, const uint8_t* HWY_RESTRICT row, uint32_t u, VF* out) {
   const DF df;
@@ -210,6 +252,12 @@ HWY_INLINE void DecodeUnit(const Codebook& cb, const uint8_t* HWY_RESTRICT row, 
     out[0] = hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(row) + u * kN));
   } else if constexpr (T == fmt::TQ8) {
     out[0] = Lookup<8>(cb, hn::PromoteTo(di, hn::LoadU(d8, row + u * kN)));
+  } else if constexpr (T == fmt::TQ4 && kAvx2Paths) {
+    DecodeTQ4Avx2(cb, row + u * kN, out);
+  } else if constexpr (T == fmt::TQ2 && kAvx2Paths) {
+    DecodeTQ2Avx2(cb, row + u * kN, out);
+  } else if constexpr (T == fmt::TQ3 && kAvx2Paths) {
+    DecodeTQ3Avx2(cb, row + u, D / 8, out);
   } else if constexpr (T == fmt::TQ4) {
     const VI x = hn::PromoteTo(di, hn::LoadU(d8, row + u * kN));
     out[0] = Lookup<4>(cb, hn::And(x, hn::Set(di, 0xF)));
