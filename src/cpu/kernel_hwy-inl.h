@@ -78,6 +78,7 @@ static_assert(kTile % kN == 0, "tile must be a whole number of vectors");
 struct Codebook {
   alignas(64) float tab[16];
   const float* c;
+  alignas(16) uint8_t planes[4][16];  // byte b of every centroid (128-bit targets, TQ3/TQ4)
 };
 
 // centroid[idx] for 1 << B entries; idx in [0, 1 << B).
@@ -146,14 +147,28 @@ constexpr bool kByteMasks = true;
 constexpr bool kByteMasks = false;
 #endif
 
+// 128-bit targets look TQ4/TQ3 codes up in four byte planes of the codebook (pshufb / tbl on 16
+// indices at once) and interleave the planes back into floats, which comes out in kernel order.
+// Their 32-bit table lookup costs several ops per 4 lanes instead.
+#if HWY_TARGET != HWY_SCALAR && HWY_MAX_BYTES == 16
+#define TQKV_BYTE_PLANES 1
+#else
+#define TQKV_BYTE_PLANES 0
+#endif
+constexpr bool kBytePlanes = TQKV_BYTE_PLANES;
+static_assert(!kBytePlanes || kN == 4);
+
 template <uint32_t T>
 constexpr uint32_t UnitVecs() {
-  return T == fmt::TQ4 ? 2 : T == fmt::TQ2 ? 4 : (T == fmt::TQ3 && kByteMasks) ? 4 : 1;
+  if constexpr (T == fmt::TQ4) return kBytePlanes ? 8 : 2;
+  if constexpr (T == fmt::TQ2) return 4;
+  if constexpr (T == fmt::TQ3) return kByteMasks || kBytePlanes ? 4 : 1;
+  return 1;
 }
 
 template <uint32_t T>
 constexpr uint32_t VecPos(uint32_t j) {
-  if constexpr (T == fmt::TQ4 || T == fmt::TQ2) {
+  if constexpr ((T == fmt::TQ4 && !kBytePlanes) || T == fmt::TQ2) {
     // One unit = kN packed bytes at offset o of a 16-byte block; sub-vector k holds field k of
     // each byte, which kernel order places at 16 * k + o within the block.
     constexpr uint32_t kFields = UnitVecs<T>(), kBlock = 16 * kFields;
@@ -240,6 +255,50 @@ HWY_INLINE void DecodeTQ2Avx2(const Codebook&, const uint8_t*, VF*) {}
 HWY_INLINE void DecodeTQ3Avx2(const Codebook&, const uint8_t*, uint32_t, VF*) {}
 #endif
 
+#if TQKV_BYTE_PLANES
+// 16 codes (bytes < 16) -> 16 floats in 4 vectors, in order.
+HWY_INLINE void LookupBytePlanes(const Codebook& cb, hn::Vec<hn::Full128<uint8_t>> idx, VF* out) {
+  const hn::Full128<uint8_t> d8;
+  const hn::Full128<uint16_t> d16;
+  const DF df;
+  using V8 = hn::Vec<decltype(d8)>;
+  const V8 p0 = hn::TableLookupBytes(hn::Load(d8, cb.planes[0]), idx);
+  const V8 p1 = hn::TableLookupBytes(hn::Load(d8, cb.planes[1]), idx);
+  const V8 p2 = hn::TableLookupBytes(hn::Load(d8, cb.planes[2]), idx);
+  const V8 p3 = hn::TableLookupBytes(hn::Load(d8, cb.planes[3]), idx);
+  const auto w01l = hn::BitCast(d16, hn::InterleaveLower(d8, p0, p1));
+  const auto w01h = hn::BitCast(d16, hn::InterleaveUpper(d8, p0, p1));
+  const auto w23l = hn::BitCast(d16, hn::InterleaveLower(d8, p2, p3));
+  const auto w23h = hn::BitCast(d16, hn::InterleaveUpper(d8, p2, p3));
+  out[0] = hn::BitCast(df, hn::InterleaveLower(d16, w01l, w23l));
+  out[1] = hn::BitCast(df, hn::InterleaveUpper(d16, w01l, w23l));
+  out[2] = hn::BitCast(df, hn::InterleaveLower(d16, w01h, w23h));
+  out[3] = hn::BitCast(df, hn::InterleaveUpper(d16, w01h, w23h));
+}
+
+// TQ4 block of 16 bytes -> 32 codes in kernel order (low nibbles, then high nibbles).
+HWY_INLINE void DecodeTQ4BytePlanes(const Codebook& cb, const uint8_t* HWY_RESTRICT p, VF* out) {
+  const hn::Full128<uint8_t> d8;
+  const auto x = hn::LoadU(d8, p);
+  const auto m = hn::Set(d8, 0x0F);
+  LookupBytePlanes(cb, hn::And(x, m), out);
+  LookupBytePlanes(cb, hn::And(hn::ShiftRight<4>(x), m), out + 4);
+}
+
+// 16 TQ3 coordinates (2 bytes of each plane) -> 16 floats.
+HWY_INLINE void DecodeTQ3BytePlanes(const Codebook& cb, const uint8_t* HWY_RESTRICT p, uint32_t plane, VF* out) {
+  const hn::Full128<uint8_t> d8;
+  const auto idx =
+      hn::Or(hn::Or(hn::IfThenElseZero(hn::LoadMaskBits(d8, p), hn::Set(d8, 1)),
+                    hn::IfThenElseZero(hn::LoadMaskBits(d8, p + plane), hn::Set(d8, 2))),
+             hn::IfThenElseZero(hn::LoadMaskBits(d8, p + 2 * plane), hn::Set(d8, 4)));
+  LookupBytePlanes(cb, idx, out);
+}
+#else
+HWY_INLINE void DecodeTQ4BytePlanes(const Codebook&, const uint8_t*, VF*) {}
+HWY_INLINE void DecodeTQ3BytePlanes(const Codebook&, const uint8_t*, uint32_t, VF*) {}
+#endif
+
 template <uint32_t T, uint32_t D>
 HWY_INLINE void DecodeUnit(const Codebook& cb, const uint8_t* HWY_RESTRICT row, uint32_t u, VF* out) {
   const DF df;
@@ -252,6 +311,10 @@ HWY_INLINE void DecodeUnit(const Codebook& cb, const uint8_t* HWY_RESTRICT row, 
     out[0] = hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(row) + u * kN));
   } else if constexpr (T == fmt::TQ8) {
     out[0] = Lookup<8>(cb, hn::PromoteTo(di, hn::LoadU(d8, row + u * kN)));
+  } else if constexpr (T == fmt::TQ4 && kBytePlanes) {
+    DecodeTQ4BytePlanes(cb, row + u * 16, out);
+  } else if constexpr (T == fmt::TQ3 && kBytePlanes) {
+    DecodeTQ3BytePlanes(cb, row + u * 2, D / 8, out);
   } else if constexpr (T == fmt::TQ4 && kAvx2Paths) {
     DecodeTQ4Avx2(cb, row + u * kN, out);
   } else if constexpr (T == fmt::TQ2 && kAvx2Paths) {
@@ -651,6 +714,13 @@ inline void FillCodebook(const RowSpan& s, Codebook& cb) {
   const size_t k = size_t(1) << s.type;
   memcpy(cb.tab, s.centroids, k * sizeof(float));
   std::fill(cb.tab + k, cb.tab + 16, 0.0f);
+  if (kBytePlanes) {
+    for (size_t j = 0; j < 16; ++j) {
+      uint32_t bits;
+      memcpy(&bits, cb.tab + j, 4);
+      for (size_t b = 0; b < 4; ++b) cb.planes[b][j] = uint8_t(bits >> (8 * b));
+    }
+  }
 }
 
 inline bool VectorAligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % (kN * sizeof(float)) == 0; }
@@ -709,6 +779,7 @@ HWY_NOINLINE void ProcessRangeT(const RangeTask& t) {
 inline int64_t TargetBit() { return HWY_TARGET; }
 
 #undef TQKV_UNROLL
+#undef TQKV_BYTE_PLANES
 
 }  // namespace tqkv::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
