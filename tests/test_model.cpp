@@ -66,8 +66,11 @@ TEST(Model, SmolLM2PerplexityAndKlOnA512TokenSlice) {
   for (const auto& r : rows) std::printf("%-5s ppl %.4f kl %.6f p99 %.6f top1 %.4f\n", r.label.c_str(), r.ppl, r.kl_mean, r.kl_p99, r.top1);
   const auto& f32 = rows[0];
   EXPECT_EQ(f32.scored, 255u);
-  EXPECT_GT(f32.ppl, 3.0);
-  EXPECT_LT(f32.ppl, 60.0);
+  // Measured: 16.27 (the forward matches Hugging Face's to 2e-6 in logits, docs/models.md).
+  // A factor of two either way still catches a broken forward: a wrong RoPE pairing or norm
+  // gives hundreds, an untrained model the vocabulary size (49152).
+  EXPECT_GT(f32.ppl, 8.0);
+  EXPECT_LT(f32.ppl, 32.0);
   EXPECT_EQ(f32.kl_mean, 0.0);
   EXPECT_EQ(f32.top1, 1.0);
   EXPECT_GT(f32.dense_rows, 0u);
@@ -78,11 +81,11 @@ TEST(Model, SmolLM2PerplexityAndKlOnA512TokenSlice) {
     EXPECT_GT(r->tq_rows, 0u);
     EXPECT_EQ(r->dense_rows, 0u);
   }
-  EXPECT_LT(k8.kl_mean, 0.01);
+  EXPECT_LT(k8.kl_mean, 0.005);  // measured 3e-4
   EXPECT_GT(k8.kl_mean, 0.0);  // a codec that changes nothing is not quantizing
   EXPECT_GT(k8.top1, 0.97);
   EXPECT_GT(k2.kl_mean, 10 * k8.kl_mean);
-  EXPECT_GT(k2.kl_mean, 0.05);
+  EXPECT_GT(k2.kl_mean, 0.3);  // measured 1.1
   EXPECT_LT(k2.kl_mean, 2.0);  // ...but not a broken one either
   EXPECT_GT(k4.kl_mean, k8.kl_mean);
   EXPECT_LT(k4.kl_mean, k2.kl_mean);
@@ -153,8 +156,8 @@ TEST(Model, Gemma3SlidingWindowModelRuns) {
   o.batch = 160;
   const auto rows = run_perplexity(m, tokens, {uniform(*m, "tq8"), uniform(*m, "tq2")}, o);
   for (const auto& r : rows) std::printf("%-5s ppl %.4f kl %.6f top1 %.4f\n", r.label.c_str(), r.ppl, r.kl_mean, r.top1);
-  EXPECT_GT(rows[0].ppl, 2.0);
-  EXPECT_LT(rows[0].ppl, 200.0);
+  EXPECT_GT(rows[0].ppl, 7.0);  // measured 14.7
+  EXPECT_LT(rows[0].ppl, 30.0);
   EXPECT_GT(rows[1].tq_rows, 0u);
   EXPECT_LT(rows[1].kl_mean, rows[2].kl_mean);
 }
