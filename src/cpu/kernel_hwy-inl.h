@@ -402,6 +402,19 @@ HWY_INLINE void PrefetchRows(const uint8_t* rows, size_t stride, size_t bytes, u
   }
 }
 
+// GCC folds a loaded vector into every instruction that uses it (one load per use); keeping it
+// in a register once is measurably faster where it is used by several FMAs.
+template <class V>
+HWY_INLINE void InRegister(V& v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3 && HWY_COMPILER_GCC
+  asm("" : "+v"(v.raw));
+#elif HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 && HWY_COMPILER_GCC
+  asm("" : "+x"(v.raw));
+#else
+  (void)v;
+#endif
+}
+
 // ---------------------------------------------------------------- K: scores
 
 template <uint32_t T, uint32_t D, uint32_t R>
@@ -432,7 +445,8 @@ HWY_INLINE void ScoreRows(Ctx& c, const RowSpan& k, uint32_t j, uint32_t rt) {
       }
       TQKV_UNROLL
       for (uint32_t v = 0; v < C; ++v) {
-        const VF qv = hn::LoadU(df, qh + VecPos<T>(ch * C + v));
+        VF qv = hn::LoadU(df, qh + VecPos<T>(ch * C + v));
+        InRegister(qv);
         TQKV_UNROLL
         for (uint32_t r = 0; r < R; ++r) {
           if (v % 2 == 0) {
@@ -477,12 +491,18 @@ HWY_INLINE void AccumRows(Ctx& c, const RowSpan& v, uint32_t j, uint32_t rt, flo
     for (uint32_t h = 0; h < c.g; ++h) {
       const float* HWY_RESTRICT wh = c.w + h * kTile + rt;
       float* HWY_RESTRICT ah = acc + size_t(h) * D;
+      VF wv[R];
+      TQKV_UNROLL
+      for (uint32_t r = 0; r < R; ++r) {
+        wv[r] = hn::Set(df, wh[r]);
+        InRegister(wv[r]);
+      }
       TQKV_UNROLL
       for (uint32_t x = 0; x < C; ++x) {
         float* p = ah + VecPos<T>(ch * C + x);
         VF a = hn::LoadU(df, p);
         TQKV_UNROLL
-        for (uint32_t r = 0; r < R; ++r) a = hn::MulAdd(hn::Set(df, wh[r]), vd[r][x], a);
+        for (uint32_t r = 0; r < R; ++r) a = hn::MulAdd(wv[r], vd[r][x], a);
         hn::StoreU(a, df, p);
       }
     }
