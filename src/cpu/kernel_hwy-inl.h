@@ -81,7 +81,6 @@ struct Codebook {
   alignas(16) uint8_t planes[4][16];  // byte b of every centroid (128-bit targets, TQ3/TQ4)
 };
 
-// centroid[idx] for 1 << B entries; idx in [0, 1 << B).
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 constexpr bool kPermute2 = true;  // vpermt2ps: one lookup in 32 entries
 HWY_INLINE VF Lookup32(const float* HWY_RESTRICT tab, VI idx) {
@@ -107,6 +106,7 @@ HWY_INLINE VF SelectByHighBits(VF* part, VI idx, uint32_t lsb) {
   return part[0];
 }
 
+// centroid[idx] for 1 << B entries; idx in [0, 1 << B).
 template <uint32_t B>
 HWY_INLINE VF Lookup(const Codebook& cb, VI idx) {
   const DF df;
