@@ -13,6 +13,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/format.h"
@@ -296,6 +297,33 @@ TEST(Kernel, ScorePatterns) {
       hwy::SetSupportedTargetsForTest(0);
     }
   }
+}
+
+// Calls from several threads at once (the scratch memory is per thread).
+TEST(Kernel, ConcurrentCalls) {
+  std::mt19937 rng(3);
+  const uint32_t d = 128, g = 4, n = 257;
+  const Span k(fmt::TQ4, d, 0, rng), v(fmt::TQ3, d, 0, rng);
+  std::vector<std::vector<float>> qs;
+  for (int i = 0; i < 4; ++i) qs.push_back(random_q(d, 3.0f, rng));
+  std::vector<State> want, got;
+  for (int i = 0; i < 4; ++i) {
+    want.emplace_back(g, d);
+    got.emplace_back(g, d);
+    process_range_generic(make_task(k, v, qs[i].data(), g, 0, n, 0.0f, i % 2 == 1, want[i]));
+  }
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      for (int rep = 0; rep < 50; ++rep) {
+        State st(g, d);
+        process_range(make_task(k, v, qs[i].data(), g, 0, n, 0.0f, i % 2 == 1, st));
+        if (rep == 49) got[i] = std::move(st);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < 4; ++i) EXPECT_LE(compare(got[i], want[i], g, d).worst(), tolerance(d)) << i;
 }
 
 // float64 evaluation of the specification.

@@ -1,16 +1,16 @@
-// Per-target body of the SIMD fused loop (included once per Highway target by kernel_hwy.cpp).
-// The specification is process_range_generic (kernel_generic.cpp); docs/kernel-notes.md has the
-// measurements behind the choices made here.
+// Per-target building blocks of the SIMD fused loop (included once per Highway target by
+// kernel_hwy.cpp, which holds the per-call driver). The specification is process_range_generic
+// (kernel_generic.cpp); docs/kernel-notes.md has the measurements behind the choices made here.
 //
-// Structure: positions are processed in tiles of kTile rows. For a tile,
+// Positions are processed in tiles of kTile rows. For a tile,
 //   1. every K row is decoded once, in registers, and dotted with all g queries; each
 //      (row, head) leaves one vector of partial sums,
 //   2. the kN partial vectors of kN rows are reduced together by a transpose-add tree, so one
-//      vector holds the scores of kN rows; row scales, softcap, the tile max, exp and the sum
-//      are then vector operations on whole tiles, and acc is rescaled at most once per tile,
+//      vector holds the logits of kN rows; row scales, softcap, the tile max, exp and the sum
+//      are then vector operations, and acc is rescaled only when the reference max moves,
 //   3. every V row is decoded once, in registers, and added with weight p * scale_v into the g
 //      accumulators.
-// Scales never touch the decoded elements: scale_k multiplies the reduced score, scale_v the
+// Scales never touch the decoded elements: scale_k multiplies the reduced logits, scale_v the
 // softmax weight.
 
 #if defined(TQKV_CPU_KERNEL_HWY_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -81,7 +81,6 @@ struct Codebook {
   alignas(16) uint8_t planes[4][16];  // byte b of every centroid (128-bit targets, TQ3/TQ4)
 };
 
-// centroid[idx] for 1 << B entries; idx in [0, 1 << B).
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 constexpr bool kPermute2 = true;  // vpermt2ps: one lookup in 32 entries
 HWY_INLINE VF Lookup32(const float* HWY_RESTRICT tab, VI idx) {
@@ -107,6 +106,7 @@ HWY_INLINE VF SelectByHighBits(VF* part, VI idx, uint32_t lsb) {
   return part[0];
 }
 
+// centroid[idx] for 1 << B entries; idx in [0, 1 << B).
 template <uint32_t B>
 HWY_INLINE VF Lookup(const Codebook& cb, VI idx) {
   const DF df;
@@ -402,6 +402,19 @@ HWY_INLINE void PrefetchRows(const uint8_t* rows, size_t stride, size_t bytes, u
   }
 }
 
+// GCC folds a loaded vector into every instruction that uses it (one load per use); keeping it
+// in a register once is measurably faster where it is used by several FMAs.
+template <class V>
+HWY_INLINE void InRegister(V& v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3 && HWY_COMPILER_GCC
+  asm("" : "+v"(v.raw));
+#elif HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 && HWY_COMPILER_GCC
+  asm("" : "+x"(v.raw));
+#else
+  (void)v;
+#endif
+}
+
 // ---------------------------------------------------------------- K: scores
 
 template <uint32_t T, uint32_t D, uint32_t R>
@@ -432,7 +445,8 @@ HWY_INLINE void ScoreRows(Ctx& c, const RowSpan& k, uint32_t j, uint32_t rt) {
       }
       TQKV_UNROLL
       for (uint32_t v = 0; v < C; ++v) {
-        const VF qv = hn::LoadU(df, qh + VecPos<T>(ch * C + v));
+        VF qv = hn::LoadU(df, qh + VecPos<T>(ch * C + v));
+        InRegister(qv);
         TQKV_UNROLL
         for (uint32_t r = 0; r < R; ++r) {
           if (v % 2 == 0) {
@@ -477,12 +491,18 @@ HWY_INLINE void AccumRows(Ctx& c, const RowSpan& v, uint32_t j, uint32_t rt, flo
     for (uint32_t h = 0; h < c.g; ++h) {
       const float* HWY_RESTRICT wh = c.w + h * kTile + rt;
       float* HWY_RESTRICT ah = acc + size_t(h) * D;
+      VF wv[R];
+      TQKV_UNROLL
+      for (uint32_t r = 0; r < R; ++r) {
+        wv[r] = hn::Set(df, wh[r]);
+        InRegister(wv[r]);
+      }
       TQKV_UNROLL
       for (uint32_t x = 0; x < C; ++x) {
         float* p = ah + VecPos<T>(ch * C + x);
         VF a = hn::LoadU(df, p);
         TQKV_UNROLL
-        for (uint32_t r = 0; r < R; ++r) a = hn::MulAdd(hn::Set(df, wh[r]), vd[r][x], a);
+        for (uint32_t r = 0; r < R; ++r) a = hn::MulAdd(wv[r], vd[r][x], a);
         hn::StoreU(a, df, p);
       }
     }
@@ -638,145 +658,23 @@ HWY_NOINLINE void SoftmaxTile(Ctx& c, const RangeTask& t, uint32_t nt, float* HW
       ScaleHead(c, h, t.d, c.ref[h] == kNegInf ? 0.0f : std::exp(c.ref[h] - ref), acc);
       c.ref[h] = ref;
     }
+    TQKV_UNROLL
+    for (uint32_t i = 0; i < kGroups; ++i) hn::Store(s[i], df, c.w + h * kTile + i * kN);  // logits for now
+  }
+  // Second pass (logits -> weights): short independent iterations overlap better across heads
+  // than one long dependency chain per head (+4 %).
+  for (uint32_t h = 0; h < c.g; ++h) {
     const VF ref = hn::Set(df, c.ref[h]);
     VF sum = hn::Load(df, c.lsum + h * kN);
     TQKV_UNROLL
     for (uint32_t i = 0; i < kGroups; ++i) {
-      const VF p = hn::Exp(df, hn::Sub(s[i], ref));
+      const VF p = hn::Exp(df, hn::Sub(hn::Load(df, c.w + h * kTile + i * kN), ref));
       sum = hn::Add(sum, p);
       hn::Store(kScaleV ? hn::Mul(p, hn::Load(df, c.vs + i * kN)) : p, df, c.w + h * kTile + i * kN);
     }
     hn::Store(sum, df, c.lsum + h * kN);
   }
 }
-
-// ---------------------------------------------------------------- dispatch on types
-
-using ScoreFn = void (*)(Ctx&, const RowSpan&, uint32_t, uint32_t);
-using AccumFn = void (*)(Ctx&, const RowSpan&, uint32_t, uint32_t, float*);
-using SoftmaxFn = void (*)(Ctx&, const RangeTask&, uint32_t, float*);
-
-template <uint32_t D>
-ScoreFn PickScoreD(uint32_t type) {
-  switch (type) {
-    case fmt::TQ2: return &ScoreTile<fmt::TQ2, D>;
-    case fmt::TQ3: return &ScoreTile<fmt::TQ3, D>;
-    case fmt::TQ4: return &ScoreTile<fmt::TQ4, D>;
-    case fmt::TQ8: return &ScoreTile<fmt::TQ8, D>;
-    case fmt::F16: return &ScoreTile<fmt::F16, D>;
-    case fmt::F32: return &ScoreTile<fmt::F32, D>;
-    default: return nullptr;
-  }
-}
-template <uint32_t D>
-AccumFn PickAccumD(uint32_t type) {
-  switch (type) {
-    case fmt::TQ2: return &AccumTile<fmt::TQ2, D>;
-    case fmt::TQ3: return &AccumTile<fmt::TQ3, D>;
-    case fmt::TQ4: return &AccumTile<fmt::TQ4, D>;
-    case fmt::TQ8: return &AccumTile<fmt::TQ8, D>;
-    case fmt::F16: return &AccumTile<fmt::F16, D>;
-    case fmt::F32: return &AccumTile<fmt::F32, D>;
-    default: return nullptr;
-  }
-}
-inline ScoreFn PickScore(uint32_t d, uint32_t type) {
-  switch (d) {
-    case 64: return PickScoreD<64>(type);
-    case 128: return PickScoreD<128>(type);
-    case 256: return PickScoreD<256>(type);
-    case 512: return PickScoreD<512>(type);
-    default: return nullptr;
-  }
-}
-inline AccumFn PickAccum(uint32_t d, uint32_t type) {
-  switch (d) {
-    case 64: return PickAccumD<64>(type);
-    case 128: return PickAccumD<128>(type);
-    case 256: return PickAccumD<256>(type);
-    case 512: return PickAccumD<512>(type);
-    default: return nullptr;
-  }
-}
-
-inline SoftmaxFn PickSoftmax(bool scale_k, bool scale_v, bool cap) {
-  static constexpr SoftmaxFn kTable[8] = {
-      &SoftmaxTile<false, false, false>, &SoftmaxTile<false, false, true>, &SoftmaxTile<false, true, false>,
-      &SoftmaxTile<false, true, true>,   &SoftmaxTile<true, false, false>, &SoftmaxTile<true, false, true>,
-      &SoftmaxTile<true, true, false>,   &SoftmaxTile<true, true, true>};
-  return kTable[(scale_k ? 4 : 0) + (scale_v ? 2 : 0) + (cap ? 1 : 0)];
-}
-
-inline void FillCodebook(const RowSpan& s, Codebook& cb) {
-  if (!fmt::is_tq(s.type)) return;
-  cb.c = s.centroids;
-  if (s.type == fmt::TQ8) return;
-  const size_t k = size_t(1) << s.type;
-  memcpy(cb.tab, s.centroids, k * sizeof(float));
-  std::fill(cb.tab + k, cb.tab + 16, 0.0f);
-  if (kBytePlanes) {
-    for (size_t j = 0; j < 16; ++j) {
-      uint32_t bits;
-      memcpy(&bits, cb.tab + j, 4);
-      for (size_t b = 0; b < 4; ++b) cb.planes[b][j] = uint8_t(bits >> (8 * b));
-    }
-  }
-}
-
-inline bool VectorAligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % (kN * sizeof(float)) == 0; }
-
-HWY_NOINLINE void ProcessRangeT(const RangeTask& t) {
-  if (t.n == 0 || t.g == 0) return;
-  const ScoreFn score = PickScore(t.d, t.k.type);
-  const AccumFn accum = PickAccum(t.d, t.v.type);
-  if (score == nullptr || accum == nullptr || t.g > kMaxG) {
-    process_range_generic(t);  // outside the contract of RangeTask; keep the answer right
-    return;
-  }
-  const bool tq_k = fmt::is_tq(t.k.type), tq_v = fmt::is_tq(t.v.type);
-  const SoftmaxFn softmax = PickSoftmax(tq_k, tq_v, t.softcap > 0);
-  Ctx& c = *new (tls_scratch.bytes) Ctx;  // no-op constructor: just names the storage
-  c.g = t.g;
-  c.n = t.n;
-  const size_t qa = size_t(t.g) * t.d;
-  c.q = t.q;
-  if (!VectorAligned(t.q)) {
-    memcpy(c.qbuf, t.q, qa * sizeof(float));
-    c.q = c.qbuf;
-  }
-  float* acc = t.acc;
-  if (!VectorAligned(t.acc)) {
-    memcpy(c.accbuf, t.acc, qa * sizeof(float));
-    acc = c.accbuf;
-  }
-  FillCodebook(t.k, c.kcb);
-  FillCodebook(t.v, c.vcb);
-  c.pf_k = tq_k ? nullptr : t.k.rows;
-  c.pf_v = tq_v ? nullptr : t.v.rows;
-  c.pf_k_stride = t.k.stride;
-  c.pf_v_stride = t.v.stride;
-  c.pf_k_bytes = fmt::row_payload_bytes(t.k.type, t.d);
-  c.pf_v_bytes = fmt::row_payload_bytes(t.v.type, t.d);
-  StartState(c, t);
-  for (uint32_t j0 = 0; j0 < t.n; j0 += kTile) {
-    const uint32_t nt = std::min(kTile, t.n - j0);
-    score(c, t.k, j0, nt);
-    if (nt < kTile) {
-      // Rows past the end of the run still enter the transpose; give them defined values.
-      const uint32_t end = std::min(kTile, (nt + kN - 1) / kN * kN);
-      for (uint32_t h = 0; h < t.g; ++h)
-        memset(c.partial + (size_t(h) * kTile + nt) * kN, 0, (end - nt) * kN * sizeof(float));
-    }
-    if (tq_k) LoadScales(t.k, j0, nt, c.ks);
-    if (tq_v) LoadScales(t.v, j0, nt, c.vs);
-    softmax(c, t, nt, acc);
-    accum(c, t.v, j0, nt, acc);
-  }
-  FinishState(c, t, acc);
-  if (acc != t.acc) memcpy(t.acc, acc, qa * sizeof(float));
-}
-
-inline int64_t TargetBit() { return HWY_TARGET; }
 
 #undef TQKV_UNROLL
 #undef TQKV_BYTE_PLANES
