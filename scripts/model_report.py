@@ -15,8 +15,8 @@ import sys
 COMPARE = "f16,q8_0,q8_0-rot,q4_0,q4_0-rot,tq8,tq8/tq4,tq4,tq4/tq3,tq3,tq2"
 
 
-def run(tqkv, model, ctx, extra, out_json):
-    cmd = [tqkv, "perplexity", "--model", model, "--ctx", str(ctx), "--compare", COMPARE, "--json"] + extra
+def run(tqkv, model, ctx, compare, extra, out_json):
+    cmd = [tqkv, "perplexity", "--model", model, "--ctx", str(ctx), "--compare", compare, "--json"] + extra
     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     data = json.loads(res.stdout)
@@ -46,6 +46,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tqkv", required=True)
     ap.add_argument("--runs", default="smollm2:2048,gemma3:2048")
+    ap.add_argument("--compare", default=COMPARE)
     ap.add_argument("--extra", default="", help="extra flags for tqkv perplexity, e.g. '--policy first2=tq8'")
     ap.add_argument("--outdir", default="docs/results")
     ap.add_argument("--tag", default="")
@@ -54,7 +55,7 @@ def main():
     for spec in args.runs.split(","):
         model, ctx = spec.split(":")
         name = f"{model}-ctx{ctx}{args.tag}"
-        d = run(args.tqkv, model, int(ctx), args.extra.split(), os.path.join(args.outdir, name + ".json"))
+        d = run(args.tqkv, model, int(ctx), args.compare, args.extra.split(), os.path.join(args.outdir, name + ".json"))
         print(f"### {name}\n\n{table(d)}\n", flush=True)
 
 
