@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/format.h"
 #include "model/model.h"
 
 extern "C" void openblas_set_num_threads(int num_threads);
@@ -71,9 +72,7 @@ Session::Session(std::shared_ptr<const Model> model, std::vector<LayerCache> cac
     cfg.dims(c.head_dim, c.n_head_kv).seqs(1, max_ctx);
     cfg.k_type = types_[l].k;
     cfg.v_type = types_[l].v;
-    const bool tq_k = cfg.k_type == TQKV_TYPE_TQ2 || cfg.k_type == TQKV_TYPE_TQ3 || cfg.k_type == TQKV_TYPE_TQ4 ||
-                      cfg.k_type == TQKV_TYPE_TQ8;
-    cfg.k_center = tq_k && types_[l].center_tq_keys ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
+    cfg.k_center = fmt::is_tq(cfg.k_type) && types_[l].center_tq_keys ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
     cfg.scale_dtype = types_[l].scale_f16 ? TQKV_SCALE_F16 : TQKV_SCALE_F32;
     // A sliding layer keeps only what a window needs; the chunk's own tokens must not evict
     // positions its earlier tokens still see, hence window + chunk - 1.
