@@ -150,6 +150,10 @@ typedef struct tqkv_attn_params {
   const int64_t* q_pos;    /* [num_seqs] query positions, or NULL = each sequence's last position */
   const float* sinks;      /* [num_q_heads] sink logits joining each softmax denominator, or NULL */
   uint32_t num_threads;    /* CPU: 0 = all available */
+  /* CUDA: device scratch for the split-K partials, at least tqkv_attend_workspace_size bytes, or
+   * NULL to use one the cache owns (grown on first use; it cannot grow during graph capture). */
+  void* workspace;
+  size_t workspace_bytes;
 } tqkv_attn_params;
 
 typedef struct tqkv_memory_info {
@@ -230,6 +234,31 @@ TQKV_API tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t
                                                const int64_t* q_pos, const tqkv_attn_params* params,
                                                const float* q, float* out, float* lse);
 
+/* ---- CUDA backend ----
+ * A cache created with backend TQKV_BACKEND_CUDA keeps its rows in device memory (cudaMalloc on
+ * the device current at creation), in the same format as a CPU cache. On such a cache:
+ * - append / append_batch take k and v in device or host memory (the pointer's kind is looked
+ *   up); every value is checked on the device, then the call waits for its stream once, so an
+ *   error leaves the cache unchanged;
+ * - tqkv_attend takes q, out and lse in device memory and runs on the cache's stream without
+ *   waiting for it, allocating nothing after the first call, so it can be captured in a CUDA
+ *   graph. Each sequence's length is read from device memory when the kernel runs, so a replayed
+ *   graph sees the appends made since capture. params->q_pos and params->sinks may point to
+ *   host memory (copied at call time; not allowed during capture) or device memory. q is not
+ *   scanned for non-finite values (that would need a synchronisation);
+ * - tqkv_attend_seq is not available (TQKV_ERROR_UNSUPPORTED); tqkv_cache_read,
+ *   tqkv_attend_reference and tqkv_attend_seq_reference copy the cache to the host and work on
+ *   host pointers. */
+/* Sets the cudaStream_t (passed as void*) that the cache's work runs on; NULL = default stream. */
+TQKV_API tqkv_status tqkv_cache_set_stream(tqkv_cache* cache, void* stream);
+/* Bytes of device workspace tqkv_attend needs on this cache with these params, for any length
+ * the cache can reach (so one allocation serves every later call). 0 for CPU caches. */
+TQKV_API tqkv_status tqkv_attend_workspace_size(const tqkv_cache* cache, const tqkv_attn_params* params,
+                                                size_t* bytes);
+/* Copies every stored byte, length and key mean of src into dst, which must have the same
+ * configuration except the backend (host <-> device copies, or same-backend clones). */
+TQKV_API tqkv_status tqkv_cache_copy(const tqkv_cache* src, tqkv_cache* dst);
+
 /* ---- counters (trace that the compressed path really ran) ---- */
 typedef struct tqkv_counters {
   uint64_t compressed_rows_read; /* TurboQuant K and V rows decoded inside fused attention */
@@ -237,6 +266,8 @@ typedef struct tqkv_counters {
   uint64_t dense_rows_read;      /* f16 / f32 rows read by fused attention */
   uint64_t rows_encoded;         /* rows quantized on append */
   uint64_t attend_calls;
+  uint64_t cuda_attend_calls;    /* of attend_calls, those run by CUDA kernels */
+  uint64_t cuda_rows_encoded;    /* of rows_encoded, those encoded by CUDA kernels */
 } tqkv_counters;
 TQKV_API void tqkv_counters_get(tqkv_counters* out);
 TQKV_API void tqkv_counters_reset(void);

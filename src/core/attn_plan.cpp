@@ -17,7 +17,7 @@ std::string num(double x) {
   return buf;
 }
 
-AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
+AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out, bool host = true) {
   if (p == nullptr) invalid("params: NULL; must point to a tqkv_attn_params");
   if (q == nullptr) invalid("q: NULL; must point to the queries");
   if (out == nullptr) invalid("out: NULL; must point to room for the outputs");
@@ -37,7 +37,7 @@ AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, 
       invalid("window: " + std::to_string(p->window) + " is larger than the ring capacity " +
               std::to_string(c.capacity()) + "; a ring cache holds only the last capacity positions");
   }
-  if (p->sinks)
+  if (p->sinks && host)
     for (uint32_t h = 0; h < p->num_q_heads; ++h)
       if (!std::isfinite(p->sinks[h]))
         fail(TQKV_ERROR_NON_FINITE, "sinks[" + std::to_string(h) + "]: " + num(p->sinks[h]) + " is not finite");
@@ -76,8 +76,8 @@ void check_finite_q(const float* q, size_t n) {
 
 }  // namespace
 
-AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
-  AttnPlan plan = plan_common(c, p, q, out);
+AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out, bool q_on_host) {
+  AttnPlan plan = plan_common(c, p, q, out, q_on_host);
   plan.queries.resize(c.num_seqs());
   for (uint32_t s = 0; s < c.num_seqs(); ++s) {
     const int64_t len = c.length(s);
@@ -90,7 +90,7 @@ AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* 
     }
     plan.queries[s] = {s, visible(c, p, s, qp, "the query")};
   }
-  check_finite_q(q, size_t(c.num_seqs()) * p->num_q_heads * c.head_dim());
+  if (q_on_host) check_finite_q(q, size_t(c.num_seqs()) * p->num_q_heads * c.head_dim());
   return plan;
 }
 

@@ -33,7 +33,9 @@ struct AttnPlan {
 
 // Decode: one query per sequence. Throws tqkv::Error naming the invalid parameter; checks q for
 // non-finite values.
-AttnPlan plan_attention(const Cache& cache, const tqkv_attn_params* params, const float* q, const float* out);
+// q_on_host = false (CUDA: q in device memory) skips the scan of q's values.
+AttnPlan plan_attention(const Cache& cache, const tqkv_attn_params* params, const float* q, const float* out,
+                        bool q_on_host = true);
 // Several query tokens of one sequence at positions q_pos[0..n_q) (non-decreasing), as in
 // chunked prefill. params->q_pos must be NULL.
 AttnPlan plan_attention_seq(const Cache& cache, uint32_t seq, uint32_t n_q, const int64_t* q_pos,

@@ -53,8 +53,6 @@ void validate_config(const tqkv_cache_config& c) {
     invalid("backend: " + std::to_string(int(c.backend)) + " is invalid; allowed: 0 (cpu), 1 (cuda)");
   if (c.k_center != TQKV_CENTER_NONE && c.k_center != TQKV_CENTER_FIRST_APPEND)
     invalid("k_center: " + std::to_string(int(c.k_center)) + " is invalid; allowed: 0 (none), 1 (first append)");
-  if (c.backend == TQKV_BACKEND_CUDA)
-    fail(TQKV_ERROR_UNSUPPORTED, "backend: the CUDA cache is not available in this version; use 0 (cpu)");
 }
 
 tqkv_memory_info memory_for(const tqkv_cache_config& c) {
@@ -74,7 +72,8 @@ tqkv_memory_info memory_for(const tqkv_cache_config& c) {
   return m;
 }
 
-static void init_plane(Plane& p, uint32_t type, const tqkv_cache_config& c, const float* signs, size_t rows) {
+static void init_plane(Plane& p, uint32_t type, const tqkv_cache_config& c, const float* signs, size_t rows,
+                       bool host) {
   p.type = type;
   p.stride = fmt::row_stride(type, c.head_dim);
   p.scale_f16 = c.scale_dtype == TQKV_SCALE_F16;
@@ -84,16 +83,17 @@ static void init_plane(Plane& p, uint32_t type, const tqkv_cache_config& c, cons
   p.codec.scale_f16 = p.scale_f16;
   if (fmt::is_tq(type)) p.codec.cb = codebook(type, c.head_dim, static_cast<CodebookKind>(c.codebook));
   if (fmt::is_rotated(type)) p.codec.signs = signs;
+  if (!host) return;
   p.data = aligned_bytes(rows * p.stride);
   p.scales = aligned_bytes(rows * fmt::scale_bytes(type, p.scale_f16));
 }
 
-Cache::Cache(const tqkv_cache_config& cfg) : cfg_(cfg) {
+Cache::Cache(const tqkv_cache_config& cfg, bool host_storage) : cfg_(cfg), host_storage_(host_storage) {
   memory_for(cfg);  // validates and checks the size
   signs_ = rotation_signs(cfg.seed, cfg.head_dim);
   const size_t rows = size_t(cfg.num_seqs) * cfg.num_kv_heads * cfg.capacity;
-  init_plane(k_, cfg.k_type, cfg, signs_.data(), rows);
-  init_plane(v_, cfg.v_type, cfg, signs_.data(), rows);
+  init_plane(k_, cfg.k_type, cfg, signs_.data(), rows, host_storage);
+  init_plane(v_, cfg.v_type, cfg, signs_.data(), rows, host_storage);
   lengths_.assign(cfg.num_seqs, 0);
   has_center_.assign(cfg.num_seqs, 0);
 }
@@ -118,6 +118,27 @@ void Cache::set_k_center(uint32_t seq, const float* mu) {
   if (centers_.empty()) centers_.assign(size_t(cfg_.num_seqs) * n, 0.0f);
   std::copy(mu, mu + n, centers_.begin() + std::ptrdiff_t(size_t(seq) * n));
   has_center_[seq] = 1;
+}
+
+bool Cache::defines_center(uint32_t seq) const {
+  return centers_k() && !has_center_[seq] && cfg_.k_center == TQKV_CENTER_FIRST_APPEND && lengths_[seq] == 0;
+}
+
+void Cache::advance(uint32_t seq, uint32_t n_tokens) {
+  check_seq(seq, "advance");
+  check_room(seq, n_tokens);
+  lengths_[seq] += n_tokens;
+  counters().rows_encoded += uint64_t(n_tokens) * cfg_.num_kv_heads * 2;
+}
+
+void Cache::restore(uint32_t seq, int64_t length, const float* mu) {
+  check_seq(seq, "restore");
+  if (length < 0 || (!ring() && length > int64_t(cfg_.capacity)))
+    invalid("length: " + std::to_string(length) + " does not fit capacity " + std::to_string(cfg_.capacity));
+  lengths_[seq] = 0;
+  has_center_[seq] = 0;
+  if (mu) set_k_center(seq, mu);
+  lengths_[seq] = length;
 }
 
 void Cache::check_seq(uint32_t seq, const char* what) const {
@@ -248,6 +269,7 @@ static void check_append_args(uint32_t n_tokens, tqkv_dtype dtype, const void* k
 }
 
 void Cache::append(uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void* k, const void* v) {
+  if (!host_storage_) fail(TQKV_ERROR_INTERNAL, "cache: rows live on the device; the CUDA backend must handle this call");
   check_seq(seq, "append");
   check_append_args(n_tokens, dtype, k, v);
   if (n_tokens == 0) return;
@@ -256,6 +278,7 @@ void Cache::append(uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void
 }
 
 void Cache::append_batch(const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v) {
+  if (!host_storage_) fail(TQKV_ERROR_INTERNAL, "cache: rows live on the device; the CUDA backend must handle this call");
   if (counts == nullptr) invalid("counts: NULL; must point to num_seqs token counts");
   uint64_t total = 0;
   for (uint32_t s = 0; s < cfg_.num_seqs; ++s) total += counts[s];
@@ -282,6 +305,7 @@ void Cache::reset(uint32_t seq) {
 }
 
 void Cache::read(uint32_t seq, int which, int64_t first, uint32_t n, float* out) const {
+  if (!host_storage_) fail(TQKV_ERROR_INTERNAL, "cache: rows live on the device; the CUDA backend must handle this call");
   check_seq(seq, "read");
   if (which != 0 && which != 1) invalid("which: " + std::to_string(which) + " is invalid; allowed: 0 (K), 1 (V)");
   if (n > 0 && out == nullptr) invalid("out: NULL; must point to n * num_kv_heads * head_dim floats");

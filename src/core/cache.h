@@ -31,6 +31,7 @@ struct Plane {
 // Global counters behind tqkv_counters_get: proof that a given path really ran.
 struct Counters {
   std::atomic<uint64_t> compressed_rows_read{0}, block_rows_read{0}, dense_rows_read{0}, rows_encoded{0}, attend_calls{0};
+  std::atomic<uint64_t> cuda_attend_calls{0}, cuda_rows_encoded{0};
 };
 Counters& counters();
 
@@ -40,7 +41,9 @@ tqkv_memory_info memory_for(const tqkv_cache_config& cfg);
 
 class Cache {
  public:
-  explicit Cache(const tqkv_cache_config& cfg);
+  // host_storage = false keeps only the bookkeeping (lengths, key means, validation): the CUDA
+  // backend holds the rows on the device and uses this object for everything else.
+  explicit Cache(const tqkv_cache_config& cfg, bool host_storage = true);
 
   const tqkv_cache_config& config() const { return cfg_; }
   uint32_t head_dim() const { return cfg_.head_dim; }
@@ -61,20 +64,31 @@ class Cache {
   const void* scale_ptr(int which, uint32_t seq, uint32_t kv_head, uint32_t slot) const;
   tqkv_memory_info memory() const { return memory_for(cfg_); }
 
+  bool host_storage() const { return host_storage_; }
   void append(uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void* k, const void* v);
   void append_batch(const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v);
   void reset(uint32_t seq);
   void read(uint32_t seq, int which, int64_t first, uint32_t n, float* out) const;
 
+  // For backends that store rows elsewhere (CUDA) and for byte-for-byte copies between caches.
+  void check_room(uint32_t seq, uint32_t n_tokens) const;
+  void check_seq(uint32_t seq, const char* what) const;
+  // Records n_tokens more positions of seq (rows written by another backend).
+  void advance(uint32_t seq, uint32_t n_tokens);
+  // Sets a sequence's length and key mean (nullptr: none) as a copy from another cache.
+  void restore(uint32_t seq, int64_t length, const float* mu);
+  Plane& mutable_plane(int which) { return which == 0 ? k_ : v_; }
+  // Whether an append to seq now would define its key mean (k_center FIRST_APPEND, first append).
+  bool defines_center(uint32_t seq) const;
+
  private:
   struct Encoded;  // rows encoded for one sequence, not yet committed
-  void check_seq(uint32_t seq, const char* what) const;
-  void check_room(uint32_t seq, uint32_t n_tokens) const;
   Encoded encode(uint32_t n_tokens, tqkv_dtype dtype, const void* k, const void* v, uint32_t seq) const;
   bool centers_k() const;  // K is a quantized type, so a mean helps
   void commit(uint32_t seq, const Encoded& e);
 
   tqkv_cache_config cfg_;
+  bool host_storage_ = true;
   std::vector<float> signs_;
   Plane k_, v_;
   std::vector<int64_t> lengths_;

@@ -1,0 +1,205 @@
+// Device-resident cache: allocation, copies, lengths and key means. Encoding is in encode.cu.
+#include <cuda_runtime.h>
+
+#include <string>
+#include <vector>
+
+#include "core/format.h"
+#include "cuda/check.cuh"
+#include "cuda/device_cache.h"
+
+namespace tqkv::cuda {
+
+bool device_available() {
+  int n = 0;
+  // No driver or no device is an ordinary answer here, not an error.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+bool on_device(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+bool capturing(void* stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  TQKV_CUDA_CHECK(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+void copy_to_device(void* dst, const void* src, size_t bytes, void* stream) {
+  TQKV_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream)));
+}
+
+namespace {
+
+template <typename T>
+T* dev_alloc(size_t n, const char* what) {
+  void* p = nullptr;
+  if (n == 0) return nullptr;
+  const cudaError_t e = cudaMalloc(&p, n * sizeof(T));
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail(e == cudaErrorMemoryAllocation ? TQKV_ERROR_OUT_OF_MEMORY : TQKV_ERROR_BACKEND,
+         std::string("cuda: cannot allocate ") + std::to_string(n * sizeof(T)) + " bytes for " + what + ": " +
+             cudaGetErrorString(e));
+  }
+  TQKV_CUDA_CHECK(cudaMemset(p, 0, n * sizeof(T)));
+  return static_cast<T*>(p);
+}
+
+void init_plane(DevPlane& p, const core::Plane& h, size_t rows) {
+  p.type = h.type;
+  p.stride = h.stride;
+  p.scale_f16 = h.scale_f16;
+  p.lsq = h.codec.lsq;
+  p.data = dev_alloc<uint8_t>(rows * h.stride, "cache rows");
+  p.scales = dev_alloc<uint8_t>(rows * fmt::scale_bytes(h.type, h.scale_f16), "cache scales");
+  if (fmt::is_tq(h.type)) {
+    const auto& cb = h.codec.cb;
+    p.centroids = dev_alloc<float>(cb.levels, "codebook");
+    p.boundaries = dev_alloc<float>(cb.levels - 1, "codebook");
+    TQKV_CUDA_CHECK(cudaMemcpy(p.centroids, cb.centroids, cb.levels * sizeof(float), cudaMemcpyHostToDevice));
+    TQKV_CUDA_CHECK(cudaMemcpy(p.boundaries, cb.boundaries, (cb.levels - 1) * sizeof(float), cudaMemcpyHostToDevice));
+  }
+}
+
+void free_plane(DevPlane& p) {
+  cudaFree(p.data);
+  cudaFree(p.scales);
+  cudaFree(p.centroids);
+  cudaFree(p.boundaries);
+}
+
+}  // namespace
+
+DeviceCache::DeviceCache(const core::Cache& meta) {
+  const auto& c = meta.config();
+  if (!device_available())
+    fail(TQKV_ERROR_UNSUPPORTED, "backend: cuda was asked for but no CUDA device is usable here; use 0 (cpu)");
+  for (int w = 0; w < 2; ++w) {
+    const uint32_t t = w == 0 ? c.k_type : c.v_type;
+    if (!(fmt::is_tq(t) || t == fmt::F16))
+      fail(TQKV_ERROR_UNSUPPORTED, std::string(w == 0 ? "k_type" : "v_type") + ": " + std::to_string(t) +
+                                       " is not supported by the CUDA backend; allowed there: 2, 3, 4, 8 (TurboQuant "
+                                       "bits), 16 (f16)");
+  }
+  TQKV_CUDA_CHECK(cudaGetDevice(&device_));
+  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
+  d_ = c.head_dim;
+  hkv_ = c.num_kv_heads;
+  seqs_ = c.num_seqs;
+  cap_ = c.capacity;
+  const size_t rows = size_t(seqs_) * hkv_ * cap_;
+  try {
+    init_plane(k_, meta.plane(0), rows);
+    init_plane(v_, meta.plane(1), rows);
+    signs_ = dev_alloc<float>(d_, "rotation signs");
+    TQKV_CUDA_CHECK(cudaMemcpy(signs_, meta.signs(), d_ * sizeof(float), cudaMemcpyHostToDevice));
+    lengths_ = dev_alloc<int64_t>(seqs_, "lengths");
+    centers_ = dev_alloc<float>(size_t(seqs_) * hkv_ * d_, "key means");
+    flag_dev_ = dev_alloc<int>(4, "append status");
+    TQKV_CUDA_CHECK(cudaMallocHost(&flag_host_, 4 * sizeof(int)));
+  } catch (...) {
+    this->~DeviceCache();
+    throw;
+  }
+}
+
+DeviceCache::~DeviceCache() {
+  free_plane(k_);
+  free_plane(v_);
+  cudaFree(signs_);
+  cudaFree(lengths_);
+  cudaFree(centers_);
+  cudaFree(staging_);
+  cudaFree(flag_dev_);
+  cudaFreeHost(flag_host_);
+  cudaFree(ws_);
+  k_ = v_ = DevPlane{};
+  signs_ = centers_ = nullptr;
+  lengths_ = nullptr;
+  staging_ = ws_ = nullptr;
+  flag_dev_ = flag_host_ = nullptr;
+}
+
+void DeviceCache::push_state(const core::Cache& meta) {
+  std::vector<int64_t> len(seqs_);
+  std::vector<float> mu(size_t(seqs_) * hkv_ * d_, 0.0f);
+  for (uint32_t s = 0; s < seqs_; ++s) {
+    len[s] = meta.length(s);
+    if (const float* m = meta.k_center(s)) std::copy(m, m + size_t(hkv_) * d_, mu.begin() + std::ptrdiff_t(size_t(s) * hkv_ * d_));
+  }
+  auto st = static_cast<cudaStream_t>(stream_);
+  // Synchronous with respect to the host vectors: they die at return.
+  TQKV_CUDA_CHECK(cudaMemcpyAsync(lengths_, len.data(), len.size() * sizeof(int64_t), cudaMemcpyHostToDevice, st));
+  TQKV_CUDA_CHECK(cudaMemcpyAsync(centers_, mu.data(), mu.size() * sizeof(float), cudaMemcpyHostToDevice, st));
+  TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
+}
+
+void DeviceCache::reset(core::Cache& meta, uint32_t seq) {
+  meta.reset(seq);
+  push_state(meta);
+}
+
+void DeviceCache::set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host) {
+  meta.set_k_center(seq, mu_host);
+  push_state(meta);
+}
+
+void DeviceCache::upload(const core::Cache& src, core::Cache& meta) {
+  if (!src.host_storage()) invalid("src: must be a host cache to upload from");
+  auto st = static_cast<cudaStream_t>(stream_);
+  const size_t rows = size_t(seqs_) * hkv_ * cap_;
+  for (int w = 0; w < 2; ++w) {
+    const core::Plane& h = src.plane(w);
+    const DevPlane& p = plane(w);
+    TQKV_CUDA_CHECK(cudaMemcpyAsync(p.data, h.data.get(), rows * p.stride, cudaMemcpyHostToDevice, st));
+    const size_t sb = fmt::scale_bytes(p.type, p.scale_f16);
+    if (sb) TQKV_CUDA_CHECK(cudaMemcpyAsync(p.scales, h.scales.get(), rows * sb, cudaMemcpyHostToDevice, st));
+  }
+  TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  for (uint32_t s = 0; s < seqs_; ++s) meta.restore(s, src.length(s), src.k_center(s));
+  push_state(meta);
+}
+
+void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
+  if (!dst.host_storage()) invalid("dst: must be a host cache to download into");
+  auto st = static_cast<cudaStream_t>(stream_);
+  const size_t rows = size_t(seqs_) * hkv_ * cap_;
+  for (int w = 0; w < 2; ++w) {
+    core::Plane& h = dst.mutable_plane(w);
+    const DevPlane& p = plane(w);
+    TQKV_CUDA_CHECK(cudaMemcpyAsync(h.data.get(), p.data, rows * p.stride, cudaMemcpyDeviceToHost, st));
+    const size_t sb = fmt::scale_bytes(p.type, p.scale_f16);
+    if (sb) TQKV_CUDA_CHECK(cudaMemcpyAsync(h.scales.get(), p.scales, rows * sb, cudaMemcpyDeviceToHost, st));
+  }
+  TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  for (uint32_t s = 0; s < seqs_; ++s) dst.restore(s, meta.length(s), meta.k_center(s));
+}
+
+void* DeviceCache::workspace(size_t bytes, bool capturing) {
+  if (bytes <= ws_bytes_) return ws_;
+  if (capturing)
+    fail(TQKV_ERROR_INVALID_ARGUMENT,
+         "workspace: the cache's own attention workspace (" + std::to_string(ws_bytes_) + " bytes) is smaller than the " +
+             std::to_string(bytes) + " bytes needed, and it cannot grow during CUDA graph capture; pass "
+             "params.workspace (size from tqkv_attend_workspace_size) or call tqkv_attend once before capturing");
+  TQKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));  // the old one may be in use
+  cudaFree(ws_);
+  ws_ = nullptr;
+  ws_bytes_ = 0;
+  ws_ = dev_alloc<uint8_t>(bytes, "attention workspace");
+  ws_bytes_ = bytes;
+  return ws_;
+}
+
+}  // namespace tqkv::cuda

@@ -1,0 +1,85 @@
+// A cache whose rows live in device memory (cudaMalloc), in exactly the format of docs/format.md.
+// The host-side core::Cache (built without host storage) keeps the bookkeeping: lengths, key
+// means, validation, masks. This header has no CUDA types so the C API can include it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/cache.h"
+#include "tqkv/tqkv.h"
+
+namespace tqkv::cuda {
+
+bool device_available();
+// Whether p points to device (or managed) memory, as cudaPointerGetAttributes says.
+bool on_device(const void* p);
+// Whether stream (a cudaStream_t) is being captured into a graph.
+bool capturing(void* stream);
+// Asynchronous host-to-device copy on stream (src must stay valid until the stream reaches it).
+void copy_to_device(void* dst, const void* src, size_t bytes, void* stream);
+
+// One plane (K or V) on the device.
+struct DevPlane {
+  uint32_t type = 0;
+  size_t stride = 0;           // bytes between rows
+  bool scale_f16 = false;
+  uint8_t* data = nullptr;     // rows, [seq][kv_head][slot]
+  void* scales = nullptr;      // one scale per row (TQ types)
+  float* centroids = nullptr;  // [levels] (TQ types)
+  float* boundaries = nullptr; // [levels - 1] (TQ types)
+  bool lsq = false;
+};
+
+class DeviceCache {
+ public:
+  // Allocates and zeroes every buffer on the current device. Throws tqkv::Error
+  // (OUT_OF_MEMORY, BACKEND) naming what failed.
+  explicit DeviceCache(const core::Cache& meta);
+  ~DeviceCache();
+  DeviceCache(const DeviceCache&) = delete;
+  DeviceCache& operator=(const DeviceCache&) = delete;
+
+  void set_stream(void* stream) { stream_ = stream; }
+  void* stream() const { return stream_; }
+  int device() const { return device_; }
+  int sm_count() const { return sm_count_; }
+
+  const DevPlane& plane(int which) const { return which == 0 ? k_ : v_; }
+  const float* signs() const { return signs_; }       // [head_dim]
+  const int64_t* lengths() const { return lengths_; } // [num_seqs], equal to the host lengths
+  const float* centers() const { return centers_; }   // [num_seqs][kv_heads][head_dim]; zero = no key mean
+
+  // Appends counts[s] tokens to every sequence s (the layout of tqkv_cache_append_batch). k and v
+  // may be device or host memory. Checks every value before anything is written (a finite
+  // check on the device, then one synchronisation), so on error the cache is unchanged.
+  void append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v);
+  void reset(core::Cache& meta, uint32_t seq);
+  void set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host);
+
+  // Byte-for-byte copies between a host cache and this one (same configuration but backend).
+  void upload(const core::Cache& host_src, core::Cache& meta);
+  void download(const core::Cache& meta, core::Cache& host_dst) const;
+
+  // A cache-owned attention workspace, grown outside graph capture only.
+  void* workspace(size_t bytes, bool capturing);
+
+  // Mirrors the host lengths and key means after the host changed them.
+  void push_state(const core::Cache& meta);
+
+ private:
+  void* stream_ = nullptr;
+  int device_ = 0, sm_count_ = 0;
+  DevPlane k_, v_;
+  float* signs_ = nullptr;
+  int64_t* lengths_ = nullptr;
+  float* centers_ = nullptr;
+  void* staging_ = nullptr;  // host input copied here before encoding
+  size_t staging_bytes_ = 0;
+  int* flag_dev_ = nullptr;  // non-finite input found
+  int* flag_host_ = nullptr; // pinned
+  void* ws_ = nullptr;
+  size_t ws_bytes_ = 0;
+  uint32_t d_ = 0, hkv_ = 0, seqs_ = 0, cap_ = 0;
+};
+
+}  // namespace tqkv::cuda
