@@ -261,7 +261,8 @@ TQKV_API tqkv_status tqkv_cache_copy(const tqkv_cache* src, tqkv_cache* dst);
 
 /* ---- counters (trace that the compressed path really ran) ---- */
 typedef struct tqkv_counters {
-  uint64_t compressed_rows_read; /* TurboQuant K and V rows decoded inside fused attention */
+  uint64_t compressed_rows_read; /* TurboQuant K and V rows decoded inside fused attention (CUDA with
+                                    device q_pos: the rows the last position sees, an upper bound) */
   uint64_t block_rows_read;      /* q8_0 / q4_0 rows decoded inside fused attention */
   uint64_t dense_rows_read;      /* f16 / f32 rows read by fused attention */
   uint64_t rows_encoded;         /* rows quantized on append */

@@ -315,7 +315,7 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
     call.workspace_bytes = need_ws;
   }
   // Host q_pos / sinks travel in the workspace tail; device ones are read where they are.
-  uint8_t* tail = static_cast<uint8_t*>(call.workspace) + tqkv::cuda::workspace_bytes(dev, c.config(), 0);
+  uint8_t* tail = static_cast<uint8_t*>(call.workspace) + tqkv::cuda::workspace_tail_offset(dev, c.config(), params->num_q_heads);
   if (params->q_pos) {
     if (tqkv::cuda::on_device(params->q_pos)) {
       call.q_pos = params->q_pos;

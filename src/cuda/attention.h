@@ -30,6 +30,9 @@ bool supported(const tqkv_cache_config& cfg, uint32_t group, const char** why);
 // Workspace bytes for any length the cache can hold.
 size_t workspace_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads);
 
+// Offset in the workspace of the room for host q_pos and sinks (after the split partials).
+size_t workspace_tail_offset(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads);
+
 // Splits per sequence for a visible length bound (the selection the launch uses).
 uint32_t num_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible);
 

@@ -1,0 +1,446 @@
+// CUDA attention parity (in the manner of ggml's test-backend-ops): every CUDA path against the
+// float64 reference, on fresh random inputs, over K/V type pairs, head dims, GQA ratios,
+// batches with unequal lengths, masks, wrapped rings, softcap, sinks, key centering, lengths up
+// to 131072 (not multiples of the tile sizes), graph capture. Outputs are poisoned first.
+//
+// Two measurements per case, kept apart:
+//  - kernel exactness: GPU vs the reference on the same cache with the centroids rounded to
+//    f16, which is what the tensor-core kernel multiplies by (query and probabilities keep ~22
+//    bits through f16 hi + lo parts); only float32 rounding remains, bound 2e-5 per head;
+//  - codec side: GPU vs the plain reference (f32 centroids): the f16 centroid rounding, 1e-3.
+// Skips without a CUDA device (CI has none); scripts/gpu-run.sh runs it on the H100.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+
+#include "api/handle.h"
+#include "core/attention_ref.h"
+#include "core/attn_plan.h"
+#include "core/half.h"
+#include "test_util.h"
+#ifdef TQKV_TEST_CUDA
+#include <cuda_runtime.h>
+#endif
+
+using namespace tqkv;
+
+namespace {
+
+#ifdef TQKV_TEST_CUDA
+
+bool have_gpu() { return tqkv_backend_available(TQKV_BACKEND_CUDA) == 1; }
+
+#define SKIP_WITHOUT_GPU()                                                                   \
+  do {                                                                                       \
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU tests skipped"; \
+  } while (0)
+
+#define CU(call) ASSERT_EQ((call), cudaSuccess) << #call << ": " << cudaGetErrorString(cudaGetLastError())
+
+// Device buffer of floats, poisoned with NaN on request.
+struct DevBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit DevBuf(size_t n_bytes) : bytes(n_bytes) {
+    if (bytes && cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
+  }
+  ~DevBuf() { cudaFree(p); }
+  float* f() const { return static_cast<float*>(p); }
+  void poison() const { cudaMemset(p, 0xFF, bytes); }  // 0xFFFFFFFF is a NaN
+};
+
+struct Case {
+  uint32_t d = 128, hkv = 2, g = 4;
+  Type kt = Type::tq4, vt = Type::tq4;
+  std::vector<int64_t> lens{37};
+  bool ring = false;
+  uint32_t cap = 0;
+  Mask mask = Mask::causal;
+  uint32_t window = 0;
+  bool random_qpos = false, device_qpos = false;
+  float softcap = 0;
+  bool sinks = false, device_sinks = false;
+  bool f16_scale = false, center = false;
+
+  std::string str() const {
+    std::ostringstream o;
+    o << "d=" << d << " hkv=" << hkv << " g=" << g << " K" << int(kt) << "/V" << int(vt) << " lens=";
+    for (auto l : lens) o << l << ",";
+    o << " ring=" << ring << " cap=" << cap << " mask=" << int(mask) << " w=" << window << " qpos=" << random_qpos
+      << "/" << device_qpos << " softcap=" << softcap << " sinks=" << sinks << "/" << device_sinks
+      << " f16scale=" << f16_scale << " center=" << center;
+    return o.str();
+  }
+};
+
+struct Err {
+  double out = 0, lse = 0;
+};
+
+Err compare(const std::vector<float>& out, const std::vector<float>& ref, const std::vector<float>& lse,
+            const std::vector<float>& lse_ref, uint32_t d) {
+  Err r;
+  for (size_t row = 0; row < ref.size() / d; ++row) {
+    double e = 0, n = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      const double a = out[row * d + i], b = ref[row * d + i];
+      e += (a - b) * (a - b);
+      n += b * b;
+      if (!std::isfinite(a)) e = std::numeric_limits<double>::infinity();
+    }
+    r.out = std::max(r.out, n > 0 ? std::sqrt(e / n) : std::sqrt(e));
+    const double la = lse[row], lb = lse_ref[row];
+    if (std::isinf(lb)) r.lse = std::max(r.lse, la == lb ? 0.0 : 1.0);
+    else r.lse = std::max(r.lse, std::isfinite(la) ? std::fabs(la - lb) / std::max(1.0, std::fabs(lb)) : 1.0);
+  }
+  return r;
+}
+
+// The reference with the cache's centroids rounded to f16, as the kernel uses them.
+void reference_f16_centroids(const Cache& host, const AttnParams& p, const std::vector<float>& q,
+                             std::vector<float>& out, std::vector<float>& lse) {
+  auto& c = const_cast<core::Cache&>(api::unwrap(host.get()));
+  std::vector<float> rounded[2];
+  const float* saved[2] = {nullptr, nullptr};
+  for (int w = 0; w < 2; ++w) {
+    auto& cb = c.mutable_plane(w).codec.cb;
+    saved[w] = cb.centroids;
+    if (!cb.centroids) continue;
+    rounded[w].resize(cb.levels);
+    for (uint32_t i = 0; i < cb.levels; ++i) rounded[w][i] = tqkv::f16_to_f32(tqkv::f32_to_f16(cb.centroids[i]));
+    cb.centroids = rounded[w].data();
+  }
+  const auto plan = core::plan_attention(c, &p, q.data(), out.data());
+  core::attend_reference(c, plan, q.data(), out.data(), lse.data());
+  for (int w = 0; w < 2; ++w) c.mutable_plane(w).codec.cb.centroids = saved[w];
+}
+
+Cache build_host(const Case& c, std::mt19937_64& rng, CacheConfig& cfg) {
+  const uint32_t nseq = uint32_t(c.lens.size());
+  const int64_t maxlen = *std::max_element(c.lens.begin(), c.lens.end());
+  cfg.dims(c.d, c.hkv).types(c.kt, c.vt).seqs(nseq, c.cap ? c.cap : uint32_t(std::max<int64_t>(1, maxlen)));
+  cfg.ring(c.ring);
+  cfg.scale_dtype = c.f16_scale ? TQKV_SCALE_F16 : TQKV_SCALE_F32;
+  cfg.seed = rng();
+  cfg.k_center = c.center ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
+  Cache cache(cfg);
+  const auto offset = test::gaussian(size_t(c.hkv) * c.d, rng, 3.0f);
+  for (uint32_t s = 0; s < nseq; ++s) {
+    int64_t left = c.lens[s];
+    while (left > 0) {
+      const int64_t n = std::min<int64_t>(left, 1 + int64_t(rng() % 4000));
+      auto k = test::gaussian(size_t(n) * c.hkv * c.d, rng), v = test::gaussian(size_t(n) * c.hkv * c.d, rng);
+      if (c.center)
+        for (size_t i = 0; i < k.size(); ++i) k[i] += offset[i % offset.size()];
+      cache.append(s, k, v);
+      left -= n;
+    }
+  }
+  return cache;
+}
+
+void run(const Case& c) {
+  SCOPED_TRACE(c.str());
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  CacheConfig cfg;
+  Cache host = build_host(c, rng, cfg);
+  CacheConfig dcfg = cfg;
+  dcfg.backend = TQKV_BACKEND_CUDA;
+  Cache dev(dcfg);
+  ASSERT_EQ(tqkv_cache_copy(host.get(), dev.get()), TQKV_OK) << tqkv_last_error();
+
+  const uint32_t nseq = uint32_t(c.lens.size()), hq = c.hkv * c.g;
+  std::vector<int64_t> qpos(nseq);
+  for (uint32_t s = 0; s < nseq; ++s) {
+    const int64_t len = c.lens[s];
+    const int64_t lo = c.ring && len > cfg.capacity ? len - cfg.capacity : 0;
+    int64_t p = len - 1;
+    if (c.random_qpos && len > 0) {
+      const int64_t min_p = c.ring ? std::min<int64_t>(len - 1, lo + std::max<int64_t>(0, int64_t(c.window) - 1)) : 0;
+      p = min_p + int64_t(rng() % uint64_t(len - min_p));
+    }
+    qpos[s] = std::max<int64_t>(p, 0);
+  }
+  auto q = test::gaussian(size_t(nseq) * hq * c.d, rng);
+  const auto sinks = test::gaussian(hq, rng, 2.0f);
+  AttnParams p(hq, 1.0f / std::sqrt(float(c.d)));
+  p.with_mask(c.mask, c.window).with_softcap(c.softcap);
+  if (c.sinks) p.with_sinks(sinks);
+  if (c.random_qpos) p.with_q_pos(qpos);
+
+  const size_t n_out = size_t(nseq) * hq * c.d;
+  DevBuf dq(n_out * 4), dout(n_out * 4), dlse(size_t(nseq) * hq * 4), dqpos(nseq * 8), dsinks(hq * 4);
+  ASSERT_TRUE(dq.p && dout.p && dlse.p && dqpos.p && dsinks.p);
+  CU(cudaMemcpy(dq.p, q.data(), n_out * 4, cudaMemcpyHostToDevice));
+  CU(cudaMemcpy(dqpos.p, qpos.data(), nseq * 8, cudaMemcpyHostToDevice));
+  CU(cudaMemcpy(dsinks.p, sinks.data(), hq * 4, cudaMemcpyHostToDevice));
+  AttnParams pd = p;
+  if (c.random_qpos && c.device_qpos) pd.q_pos = static_cast<const int64_t*>(dqpos.p);
+  if (c.sinks && c.device_sinks) pd.sinks = dsinks.f();
+  dout.poison();
+  dlse.poison();
+  const auto before = counters();
+  ASSERT_EQ(tqkv_attend(dev.get(), &pd, dq.f(), dout.f(), dlse.f()), TQKV_OK) << tqkv_last_error();
+  CU(cudaDeviceSynchronize());
+  const auto after = counters();
+  std::vector<float> out(n_out), lse(size_t(nseq) * hq);
+  CU(cudaMemcpy(out.data(), dout.p, n_out * 4, cudaMemcpyDeviceToHost));
+  CU(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost));
+
+  std::vector<float> ref(n_out), lse_ref(lse.size()), ref16(n_out), lse16(lse.size());
+  host.attend_reference(p, q, ref, lse_ref);
+  reference_f16_centroids(host, p, q, ref16, lse16);
+
+  EXPECT_EQ(after.cuda_attend_calls - before.cuda_attend_calls, 1u);
+  int64_t visible = 0;
+  for (uint32_t s = 0; s < nseq; ++s) {
+    // Device q_pos values are not read on the host, so the counter then counts what the last
+    // position sees (an upper bound, documented in tqkv.h).
+    const int64_t len = c.lens[s], qp = c.random_qpos && !c.device_qpos ? qpos[s] : len - 1;
+    int64_t lo = 0, hi = len;
+    if (c.mask == Mask::causal) hi = qp + 1;
+    if (c.mask == Mask::window) { hi = qp + 1; lo = std::max<int64_t>(0, qp - int64_t(c.window) + 1); }
+    visible += std::max<int64_t>(0, hi - lo) * c.hkv;
+  }
+  const uint64_t tq_planes = (fmt::is_tq(uint32_t(c.kt)) ? 1 : 0) + (fmt::is_tq(uint32_t(c.vt)) ? 1 : 0);
+  EXPECT_EQ(after.compressed_rows_read - before.compressed_rows_read, uint64_t(visible) * tq_planes);
+
+  const Err kernel = compare(out, ref16, lse, lse16, c.d);
+  const Err codec = compare(out, ref, lse, lse_ref, c.d);
+  const int64_t maxlen = *std::max_element(c.lens.begin(), c.lens.end());
+  EXPECT_LE(kernel.out, maxlen > 8192 ? 5e-5 : 2e-5);
+  EXPECT_LE(kernel.lse, 1e-5);
+  EXPECT_LE(codec.out, 1e-3);
+  EXPECT_LE(codec.lse, 1e-3);
+  std::printf("  %-110s kernel %.2e lse %.2e | f32 centroids %.2e\n", c.str().c_str(), kernel.out, kernel.lse,
+              codec.out);
+}
+
+#endif  // TQKV_TEST_CUDA
+
+}  // namespace
+
+#ifdef TQKV_TEST_CUDA
+
+TEST(CudaAttention, EveryTypePairAndHeadDim) {
+  SKIP_WITHOUT_GPU();
+  const Type tq[] = {Type::tq2, Type::tq3, Type::tq4, Type::tq8};
+  std::vector<std::pair<Type, Type>> pairs;
+  for (Type k : tq)
+    for (Type v : tq) pairs.push_back({k, v});
+  pairs.push_back({Type::f16, Type::f16});
+  std::mt19937_64 rng(test::fresh_seed());
+  for (uint32_t d : {64u, 128u, 256u, 512u})
+    for (auto [kt, vt] : pairs) {
+      Case c;
+      c.d = d;
+      c.kt = kt;
+      c.vt = vt;
+      c.hkv = 2;
+      c.g = 1u << (rng() % 4);  // 1, 2, 4, 8
+      c.lens = {int64_t(1 + rng() % 300), int64_t(1 + rng() % 300)};
+      c.f16_scale = rng() % 2;
+      run(c);
+    }
+}
+
+TEST(CudaAttention, GqaRatiosIncludingChunksOfEight) {
+  SKIP_WITHOUT_GPU();
+  for (uint32_t g : {1u, 2u, 3u, 4u, 8u, 12u, 16u}) {
+    Case c;
+    c.g = g;
+    c.lens = {777};
+    run(c);
+  }
+}
+
+TEST(CudaAttention, BatchesWithUnequalLengths) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.hkv = 2;
+  c.g = 4;
+  c.lens = {1, 33, 0, 700, 2, 64, 65, 127, 128, 129, 4097, 255, 256, 257, 3000, 16};
+  run(c);
+  c.sinks = true;
+  c.mask = Mask::none;
+  run(c);
+  c.lens = {5};
+  run(c);
+}
+
+TEST(CudaAttention, MasksQueryPositionsSinksSoftcap) {
+  SKIP_WITHOUT_GPU();
+  for (Mask m : {Mask::none, Mask::causal, Mask::window})
+    for (bool dev_ptrs : {false, true}) {
+      Case c;
+      c.lens = {900, 1500, 3};
+      c.mask = m;
+      c.window = m == Mask::window ? 333 : 0;
+      c.random_qpos = true;
+      c.device_qpos = dev_ptrs;
+      c.sinks = true;
+      c.device_sinks = dev_ptrs;
+      c.softcap = 30.0f;
+      run(c);
+      c.softcap = 0.5f;  // strongly capped
+      run(c);
+    }
+}
+
+TEST(CudaAttention, WrappedRingBuffers) {
+  SKIP_WITHOUT_GPU();
+  for (uint32_t cap : {100u, 512u, 1000u}) {
+    Case c;
+    c.ring = true;
+    c.cap = cap;
+    c.lens = {int64_t(cap) * 3 + 17, int64_t(cap) / 2, int64_t(cap) * 7 + 1};
+    c.mask = Mask::window;
+    c.window = cap - 3;
+    run(c);
+    c.window = cap;
+    c.random_qpos = true;
+    run(c);
+  }
+}
+
+TEST(CudaAttention, KeyCenteringAndF16Scales) {
+  SKIP_WITHOUT_GPU();
+  for (Type t : {Type::tq2, Type::tq4, Type::tq8}) {
+    Case c;
+    c.kt = c.vt = t;
+    c.center = true;
+    c.f16_scale = true;
+    c.lens = {1234, 77};
+    run(c);
+  }
+}
+
+TEST(CudaAttention, LongContexts) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.hkv = 8;
+  c.g = 4;
+  c.lens = {131072};
+  c.mask = Mask::none;
+  run(c);
+  Case d2;
+  d2.d = 256;
+  d2.hkv = 2;
+  d2.g = 2;
+  d2.lens = {65537, 30001};
+  run(d2);
+  Case d5;
+  d5.d = 512;
+  d5.hkv = 1;
+  d5.g = 8;
+  d5.lens = {40000};
+  d5.kt = Type::tq8;
+  d5.vt = Type::tq3;
+  run(d5);
+}
+
+TEST(CudaAttention, GraphReplaySeesNewLengths) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Case c;
+  c.lens = {3000};
+  c.mask = Mask::none;
+  CacheConfig cfg;
+  c.cap = 8192;
+  Cache host = build_host(c, rng, cfg);
+  CacheConfig dcfg = cfg;
+  dcfg.backend = TQKV_BACKEND_CUDA;
+  Cache dev(dcfg);
+  ASSERT_EQ(tqkv_cache_copy(host.get(), dev.get()), TQKV_OK) << tqkv_last_error();
+  cudaStream_t stream;
+  CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  ASSERT_EQ(tqkv_cache_set_stream(dev.get(), stream), TQKV_OK);
+  const uint32_t hq = c.hkv * c.g;
+  auto q = test::gaussian(size_t(hq) * c.d, rng);
+  DevBuf dq(q.size() * 4), dout(q.size() * 4), dlse(hq * 4);
+  CU(cudaMemcpy(dq.p, q.data(), q.size() * 4, cudaMemcpyHostToDevice));
+  AttnParams p(hq, 1.0f / std::sqrt(float(c.d)));
+  p.with_mask(Mask::none);
+  size_t ws_bytes = 0;
+  ASSERT_EQ(tqkv_attend_workspace_size(dev.get(), &p, &ws_bytes), TQKV_OK);
+  DevBuf ws(ws_bytes);
+  AttnParams pg = p;
+  pg.workspace = ws.p;
+  pg.workspace_bytes = ws_bytes;
+  cudaGraph_t graph;
+  CU(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const tqkv_status st = tqkv_attend(dev.get(), &pg, dq.f(), dout.f(), dlse.f());
+  CU(cudaStreamEndCapture(stream, &graph));
+  ASSERT_EQ(st, TQKV_OK) << tqkv_last_error();
+  cudaGraphExec_t exec;
+  CU(cudaGraphInstantiate(&exec, graph, 0));
+  // Grow the sequence after capture, then replay: the kernel reads the new length.
+  for (int step = 0; step < 3; ++step) {
+    const int64_t n = 1 + int64_t(rng() % 1500);
+    auto k = test::gaussian(size_t(n) * c.hkv * c.d, rng), v = test::gaussian(size_t(n) * c.hkv * c.d, rng);
+    host.append(0, k, v);
+    ASSERT_EQ(tqkv_cache_copy(host.get(), dev.get()), TQKV_OK) << tqkv_last_error();
+    dout.poison();
+    CU(cudaGraphLaunch(exec, stream));
+    CU(cudaStreamSynchronize(stream));
+    std::vector<float> out(q.size()), lse(hq), ref(q.size()), lse_ref(hq);
+    CU(cudaMemcpy(out.data(), dout.p, out.size() * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost));
+    reference_f16_centroids(host, p, q, ref, lse_ref);
+    const Err e = compare(out, ref, lse, lse_ref, c.d);
+    EXPECT_LE(e.out, 2e-5) << "replay " << step << " at length " << host.length(0);
+    EXPECT_LE(e.lse, 1e-5);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  ASSERT_EQ(tqkv_cache_set_stream(dev.get(), nullptr), TQKV_OK);
+  cudaStreamDestroy(stream);
+}
+
+TEST(CudaAttention, ErrorsNameTheParameter) {
+  SKIP_WITHOUT_GPU();
+  CacheConfig cfg;
+  cfg.dims(128, 2).types(Type::tq4, Type::tq4).seqs(1, 64);
+  cfg.backend = TQKV_BACKEND_CUDA;
+  Cache dev(cfg);
+  std::vector<float> hq(4 * 128), hout(4 * 128);
+  AttnParams p(4, 0.1f);
+  EXPECT_EQ(tqkv_attend(dev.get(), &p, hq.data(), hout.data(), nullptr), TQKV_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tqkv_last_error()).find("q: host pointer"), std::string::npos) << tqkv_last_error();
+  DevBuf dq(hq.size() * 4), dout(hout.size() * 4), small(16);
+  AttnParams pw = p;
+  pw.workspace = small.p;
+  pw.workspace_bytes = 16;
+  EXPECT_EQ(tqkv_attend(dev.get(), &pw, dq.f(), dout.f(), nullptr), TQKV_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tqkv_last_error()).find("workspace_bytes"), std::string::npos) << tqkv_last_error();
+  const int64_t pos = 0;
+  EXPECT_EQ(tqkv_attend_seq(dev.get(), 0, 1, &pos, &p, dq.f(), dout.f(), nullptr), TQKV_ERROR_UNSUPPORTED);
+  CacheConfig bad = cfg;
+  bad.k_type = TQKV_TYPE_F32;
+  tqkv_cache* h = nullptr;
+  EXPECT_EQ(tqkv_cache_create(&bad, &h), TQKV_ERROR_UNSUPPORTED);
+  EXPECT_NE(std::string(tqkv_last_error()).find("k_type"), std::string::npos) << tqkv_last_error();
+  // An empty sequence: out = 0, lse = -inf, as on the CPU.
+  dout.poison();
+  DevBuf dlse(4 * 4);
+  dlse.poison();
+  ASSERT_EQ(tqkv_attend(dev.get(), &p, dq.f(), dout.f(), dlse.f()), TQKV_OK) << tqkv_last_error();
+  std::vector<float> lse(4);
+  CU(cudaMemcpy(hout.data(), dout.p, hout.size() * 4, cudaMemcpyDeviceToHost));
+  CU(cudaMemcpy(lse.data(), dlse.p, 16, cudaMemcpyDeviceToHost));
+  for (float x : hout) EXPECT_EQ(x, 0.0f);
+  for (float x : lse) EXPECT_TRUE(std::isinf(x) && x < 0);
+}
+
+#else
+
+TEST(CudaAttention, SkippedWithoutCuda) { GTEST_SKIP() << "built without the CUDA backend"; }
+
+#endif
