@@ -2,9 +2,12 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "tqkv/tqkv.h"
 
 namespace tqkv::cli {
 
@@ -23,11 +26,36 @@ struct BenchOptions {
   uint32_t dim = 128, q_heads = 32, kv_heads = 8, context = 16384, batch = 1;
   uint32_t kbits = 4, vbits = 4, threads = 0;
   uint32_t warmup = 3, repeats = 15;
+  uint32_t graph_calls = 20;  // cuda: attend calls captured into one graph
+  double read_bw_gbps = 0;    // the card's (or host's) measured read bandwidth; 0 = not known
   bool json = false, quiet = false;
 };
-// Times the compressed cache and the dense f32 and f16 caches on one shape in one process.
+// Times the compressed cache and the dense caches (cpu: f32 and f16; cuda: f16) on one shape in
+// one process.
 nlohmann::json bench_attention(const BenchOptions& o);
 void print_bench_table(const nlohmann::json& result);
+
+struct AppendBenchOptions {
+  std::string backend = "cpu", dtype = "bf16";
+  uint32_t dim = 128, kv_heads = 8, tokens = 4096, batch = 1;
+  uint32_t kbits = 4, vbits = 4;
+  uint32_t warmup = 3, repeats = 15;
+  double read_bw_gbps = 0;
+  bool json = false;
+};
+// Times one prefill-sized tqkv_cache_append_batch (cpu: host input; cuda: device input).
+nlohmann::json bench_append(const AppendBenchOptions& o);
+void print_append_table(const nlohmann::json& result);
+// Shared by both backends' append benchmarks.
+tqkv_dtype parse_dtype(const std::string& s);
+std::vector<uint8_t> random_input(size_t n, tqkv_dtype dtype, uint64_t seed);  // normal values in dtype
+nlohmann::json append_row(const AppendBenchOptions& o, uint64_t bytes_per_token, std::vector<double> us);
+
+#ifdef TQKV_CLI_CUDA
+// bench_cuda.cpp, built only with the CUDA backend. Options are validated by the callers.
+nlohmann::json bench_attention_cuda(const BenchOptions& o, const std::vector<std::pair<uint32_t, uint32_t>>& caches);
+nlohmann::json bench_append_cuda(const AppendBenchOptions& o);
+#endif
 
 // Parses a cache type given as bits (2, 3, 4, 8) or as 16 / 32 / f16 / f32.
 uint32_t parse_type(const std::string& s, const char* flag);

@@ -68,8 +68,12 @@ int main(int argc, char** argv) {
   std::string kbits = "4", vbits = "4";
   auto* bench = app.add_subcommand("bench", "Benchmarks");
   bench->require_subcommand(1);
-  auto* attn = bench->add_subcommand("attention", "Decode attention: compressed vs dense f32 and f16 caches, one run");
-  attn->add_option("--backend", bo.backend, "cpu")->capture_default_str();
+  auto* attn = bench->add_subcommand(
+      "attention",
+      "Decode attention: compressed vs dense caches (cpu: f32, f16; cuda: f16), one run. On cuda, q/out live in "
+      "device memory and each cache is timed two ways: 'graph' (graph-calls attend calls captured in a CUDA graph, "
+      "replayed; per call) and 'cold' (L2 flushed before each eager call)");
+  attn->add_option("--backend", bo.backend, "cpu or cuda")->capture_default_str();
   attn->add_option("--dim", bo.dim, "head_dim")->capture_default_str();
   attn->add_option("--q-heads", bo.q_heads, "query heads")->capture_default_str();
   attn->add_option("--kv-heads", bo.kv_heads, "KV heads")->capture_default_str();
@@ -79,8 +83,31 @@ int main(int argc, char** argv) {
   attn->add_option("--vbits", vbits, "V type: 2, 3, 4, 8, f16, f32")->capture_default_str();
   attn->add_option("--threads", bo.threads, "threads (0 = all)")->capture_default_str();
   attn->add_option("--warmup", bo.warmup, "untimed calls first")->capture_default_str();
-  attn->add_option("--repeats", bo.repeats, "timed calls (median reported)")->capture_default_str();
+  attn->add_option("--repeats", bo.repeats, "timed calls (median reported); cuda: graph replays and cold calls")
+      ->capture_default_str();
+  attn->add_option("--graph-calls", bo.graph_calls, "cuda: attend calls per captured graph")->capture_default_str();
+  attn->add_option("--read-bw-gbps", bo.read_bw_gbps, "measured memory read bandwidth in GB/s; adds frac_of_read_bw")
+      ->capture_default_str();
   attn->add_flag("--json", bo.json, "print JSON");
+
+  cli::AppendBenchOptions ao;
+  std::string akbits = "4", avbits = "4";
+  auto* app_bench = bench->add_subcommand(
+      "append",
+      "Prefill-sized tqkv_cache_append_batch: --tokens to each of --batch sequences, cache reset between repeats "
+      "(cpu: host input; cuda: device input, the call waits for its stream once by design)");
+  app_bench->add_option("--backend", ao.backend, "cpu or cuda")->capture_default_str();
+  app_bench->add_option("--dim", ao.dim, "head_dim")->capture_default_str();
+  app_bench->add_option("--kv-heads", ao.kv_heads, "KV heads")->capture_default_str();
+  app_bench->add_option("--tokens", ao.tokens, "tokens per sequence per call")->capture_default_str();
+  app_bench->add_option("--batch", ao.batch, "sequences")->capture_default_str();
+  app_bench->add_option("--bits", akbits, "K and V type: 2, 3, 4, 8, f16, f32 (cuda: not f32)")->capture_default_str();
+  app_bench->add_option("--vbits", avbits, "V type if it differs from --bits");
+  app_bench->add_option("--dtype", ao.dtype, "input type: f32, f16, bf16")->capture_default_str();
+  app_bench->add_option("--warmup", ao.warmup, "untimed calls first")->capture_default_str();
+  app_bench->add_option("--repeats", ao.repeats, "timed calls (median reported)")->capture_default_str();
+  app_bench->add_option("--read-bw-gbps", ao.read_bw_gbps, "measured memory read bandwidth in GB/s")->capture_default_str();
+  app_bench->add_flag("--json", ao.json, "print JSON");
 
   uint32_t md = 128, mh = 8;
   std::string mk = "4", mv = "4";
@@ -154,6 +181,12 @@ int main(int argc, char** argv) {
       const auto r = cli::bench_attention(bo);
       if (bo.json) ::fmt::print("{}\n", r.dump(2));
       else cli::print_bench_table(r);
+    } else if (app_bench->parsed()) {
+      ao.kbits = cli::parse_type(akbits, "--bits");
+      ao.vbits = app_bench->count("--vbits") ? cli::parse_type(avbits, "--vbits") : ao.kbits;
+      const auto r = cli::bench_append(ao);
+      if (ao.json) ::fmt::print("{}\n", r.dump(2));
+      else cli::print_append_table(r);
     } else if (ppl->parsed()) {
       pc.quiet = pc.json;
       const auto r = cli::perplexity(pc);
