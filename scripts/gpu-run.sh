@@ -15,6 +15,12 @@
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ "$(basename "$here")" = .gpu ]; then gpu=$here; root=$(dirname "$here"); else root=$here; gpu=$here/.gpu; fi
+if [ ! -d "$gpu/bin" ] && [ -f "$gpu/payload.tar.xz" ]; then
+  # gpu-pack.sh compressed bin/ and lib/ to fit a run's 64 MiB; python's tarfile if there is no xz.
+  tar -C "$gpu" -xJf "$gpu/payload.tar.xz" 2>/dev/null ||
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$gpu/payload.tar.xz" "$gpu" ||
+    { echo "gpu-run: cannot unpack $gpu/payload.tar.xz" >&2; exit 2; }
+fi
 [ -d "$gpu/bin" ] || { echo "gpu-run: $gpu/bin missing: run scripts/gpu-pack.sh on the build machine and carry .gpu" >&2; exit 2; }
 logs=${OUT:-$(mktemp -d)}
 mkdir -p "$logs"

@@ -185,7 +185,7 @@ def run_tqkv(args, shape, read_bw):
     cmd = [args.tqkv, "bench", "attention", "--backend", "cuda", "--json",
            "--dim", str(d), "--q-heads", str(hq), "--kv-heads", str(hkv), "--context", str(s), "--batch", str(b),
            "--kbits", args.kbits, "--vbits", args.vbits, "--repeats", str(args.repeats),
-           "--graph-calls", str(args.graph_calls), "--read-bw-gbps", f"{read_bw:.3f}"]
+           "--graph-calls", str(args.graph_calls), "--read-bw-gbps", f"{read_bw:.3f}", "--fill", args.tqkv_fill]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tqkv_timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -268,6 +268,8 @@ def main():
     ap.add_argument("--graph-calls", type=int, default=20, help="calls per captured graph")
     ap.add_argument("--sdpa-backends", default="cudnn,flash", help="of: " + ",".join(BACKENDS))
     ap.add_argument("--read-bw-gbps", type=float, default=0, help="skip the bandwidth measurement")
+    ap.add_argument("--tqkv-fill", default="append", choices=["append", "copy"],
+                    help="how tqkv fills its caches: device appends, or a host cache copied over")
     ap.add_argument("--tqkv-timeout", type=float, default=300, help="seconds per tqkv run")
     ap.add_argument("--json", help="write every result here")
     args = ap.parse_args()
@@ -291,7 +293,7 @@ def main():
         env["read_bw"] = {"gbps": read_bw, "method": "given (--read-bw-gbps)"}
     else:
         read_bw, detail = measure_read_bw(holder)
-        env["read_bw"] = {"gbps": read_bw, "method": "best of 10 timed torch.sum over 2 GiB (float32 and int32 views)",
+        env["read_bw"] = {"gbps": read_bw, "method": "best of 10 timed torch.sum / torch.amax over 2 GiB of float32",
                           "by_method": detail}
     log(f"{props.name}, torch {torch.__version__}, cuDNN {env['cudnn']}; read bandwidth {read_bw:.0f} GB/s "
         f"({env['read_bw']['method']})")

@@ -117,6 +117,7 @@ nlohmann::json bench_attention(const BenchOptions& o) {
   if (o.batch == 0) invalid("--batch: must be >= 1");
   if (o.repeats == 0) invalid("--repeats: must be >= 1");
   if (o.graph_calls == 0) invalid("--graph-calls: must be >= 1");
+  if (o.fill != "append" && o.fill != "copy") invalid("--fill: '" + o.fill + "' is not a fill mode; allowed: append, copy");
   if (!(o.read_bw_gbps >= 0)) invalid("--read-bw-gbps: must be >= 0 (0 = unknown)");
   if (o.kv_heads == 0 || o.q_heads % o.kv_heads != 0)
     invalid("--q-heads: " + std::to_string(o.q_heads) + " must be a positive multiple of --kv-heads (" +

@@ -171,12 +171,25 @@ nlohmann::json bench_one(const BenchOptions& o, Shared& sh, uint32_t kt, uint32_
   check(tqkv_cache_set_stream(cache.get(), st));
   const auto& pool = *sh.pool;
   std::vector<uint32_t> counts(o.batch);
-  for (uint32_t done = 0; done < o.context; done += pool.chunk) {
-    const uint32_t n = std::min(pool.chunk, o.context - done);
-    std::fill(counts.begin(), counts.end(), n);
-    // Host input: the library stages and encodes it on the device.
-    check(tqkv_cache_append_batch(cache.get(), counts.data(), TQKV_DTYPE_F32, pool.k.data(), pool.v.data()));
+  const auto fill = [&](tqkv_cache* c) {
+    for (uint32_t done = 0; done < o.context; done += pool.chunk) {
+      const uint32_t n = std::min(pool.chunk, o.context - done);
+      std::fill(counts.begin(), counts.end(), n);
+      // Host input: a CUDA cache stages and encodes it on the device.
+      check(tqkv_cache_append_batch(c, counts.data(), TQKV_DTYPE_F32, pool.k.data(), pool.v.data()));
+    }
+  };
+  if (o.fill == "copy") {
+    // Encoded by the CPU backend and copied byte for byte: times attention without the device encoder.
+    CacheConfig host_cfg = cfg;
+    host_cfg.backend = TQKV_BACKEND_CPU;
+    Cache host(host_cfg);
+    fill(host.get());
+    check(tqkv_cache_copy(host.get(), cache.get()));
+  } else {
+    fill(cache.get());
   }
+  CK(cudaStreamSynchronize(st));
 
   AttnParams p(o.q_heads, 1.0f / std::sqrt(float(o.dim)));
   auto attend = [&] { check(tqkv_attend(cache.get(), &p, sh.q->get(), sh.out->get(), nullptr)); };
@@ -308,7 +321,7 @@ nlohmann::json bench_attention_cuda(const BenchOptions& o, const std::vector<std
   nlohmann::json result;
   result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads},         {"kv_heads", o.kv_heads},
                      {"context", o.context}, {"batch", o.batch},             {"threads", o.threads},
-                     {"backend", o.backend}, {"repeats", o.repeats},         {"graph_calls", o.graph_calls},
+                     {"backend", o.backend}, {"repeats", o.repeats},         {"graph_calls", o.graph_calls}, {"fill", o.fill},
                      {"device", std::string(sh.gpu.prop.name)}, {"l2_bytes", l2}, {"flush_bytes", sh.flush->bytes()}};
   nlohmann::json rows = nlohmann::json::array();
   for (size_t i = 0; i < caches.size(); ++i) {

@@ -27,6 +27,7 @@ struct BenchOptions {
   uint32_t kbits = 4, vbits = 4, threads = 0;
   uint32_t warmup = 3, repeats = 15;
   uint32_t graph_calls = 20;  // cuda: attend calls captured into one graph
+  std::string fill = "append";  // cuda: "append" to the device cache, or "copy" from a host cache
   double read_bw_gbps = 0;    // the card's (or host's) measured read bandwidth; 0 = not known
   bool json = false, quiet = false;
 };

@@ -86,6 +86,9 @@ int main(int argc, char** argv) {
   attn->add_option("--repeats", bo.repeats, "timed calls (median reported); cuda: graph replays and cold calls")
       ->capture_default_str();
   attn->add_option("--graph-calls", bo.graph_calls, "cuda: attend calls per captured graph")->capture_default_str();
+  attn->add_option("--fill", bo.fill,
+                   "cuda: 'append' (encode on the device) or 'copy' (encode in a host cache, tqkv_cache_copy it over)")
+      ->capture_default_str();
   attn->add_option("--read-bw-gbps", bo.read_bw_gbps, "measured memory read bandwidth in GB/s; adds frac_of_read_bw")
       ->capture_default_str();
   attn->add_flag("--json", bo.json, "print JSON");
