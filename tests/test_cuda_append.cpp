@@ -514,34 +514,6 @@ TEST(CudaAppend, DeviceInputMatchesHostInput) {
 
 // Throughput of a prefill-sized append from device memory (informational; the host times the
 // whole call, synchronisation included).
-TEST(CudaAppend, PrefillThroughput) {
-  SKIP_WITHOUT_CUDA();
-  const uint32_t d = 128, hkv = 8, tokens = 4096;
-  auto cfg = base_config(d, hkv, 1, tokens, TQKV_TYPE_TQ4, TQKV_TYPE_TQ4);
-  cfg.layout = TQKV_LAYOUT_RING;
-  Handle gpu = make(cfg, TQKV_BACKEND_CUDA);
-  ASSERT_TRUE(gpu);
-  std::mt19937_64 rng(19);
-  const auto x = encode_input(tqkv::test::gaussian(size_t(tokens) * hkv * d, rng), TQKV_DTYPE_BF16);
-  void* dev = nullptr;
-  ASSERT_EQ(cudaMalloc(&dev, 2 * x.size()), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dev, x.data(), x.size(), cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(dev) + x.size(), x.data(), x.size(), cudaMemcpyHostToDevice),
-            cudaSuccess);
-  const void* k = dev;
-  const void* v = static_cast<uint8_t*>(dev) + x.size();
-  for (int i = 0; i < 3; ++i) ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, tokens, TQKV_DTYPE_BF16, k, v), TQKV_OK);
-  const int reps = 50;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < reps; ++i) ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, tokens, TQKV_DTYPE_BF16, k, v), TQKV_OK);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
-  tqkv_memory_info m;
-  ASSERT_EQ(tqkv_cache_memory(gpu.get(), &m), TQKV_OK);
-  const double bytes = 2.0 * double(x.size()) + double(m.bytes_per_token) * tokens;
-  std::printf("append %u tokens x %u heads, d=%u, bf16 -> TQ4/TQ4: %.1f us per call, %.0f GB/s (input + output)\n",
-              tokens, hkv, d, s * 1e6, bytes / s / 1e9);
-  cudaFree(dev);
-}
 #endif
 
 }  // namespace

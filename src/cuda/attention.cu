@@ -14,11 +14,14 @@
 namespace tqkv::cuda {
 
 // Instances live in cuda/instances/*.cu (scripts/gen_cuda_instances.py).
-#define TQKV_DECLARE_ATTN(KT, VT)                                                                  \
-  extern template void launch_attn<KT, VT, 64>(const AttnKernelParams&, dim3, cudaStream_t);  \
-  extern template void launch_attn<KT, VT, 128>(const AttnKernelParams&, dim3, cudaStream_t); \
-  extern template void launch_attn<KT, VT, 256>(const AttnKernelParams&, dim3, cudaStream_t); \
-  extern template void launch_attn<KT, VT, 512>(const AttnKernelParams&, dim3, cudaStream_t);
+#define TQKV_DECLARE_ATTN_D(KT, VT, D)                                                          \
+  extern template void launch_attn<KT, VT, D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  extern template int attn_blocks_per_sm<KT, VT, D>();
+#define TQKV_DECLARE_ATTN(KT, VT)  \
+  TQKV_DECLARE_ATTN_D(KT, VT, 64)  \
+  TQKV_DECLARE_ATTN_D(KT, VT, 128) \
+  TQKV_DECLARE_ATTN_D(KT, VT, 256) \
+  TQKV_DECLARE_ATTN_D(KT, VT, 512)
 #include "cuda/instances/list.inc"
 #undef TQKV_DECLARE_ATTN
 
@@ -26,40 +29,45 @@ namespace {
 
 constexpr bool cuda_type(uint32_t t) { return fmt::is_tq(t) || t == fmt::F16; }
 
-using Launch = void (*)(const AttnKernelParams&, dim3, cudaStream_t);
+struct Instance {
+  void (*launch)(const AttnKernelParams&, dim3, cudaStream_t) = nullptr;
+  int (*blocks_per_sm)() = nullptr;
+  explicit operator bool() const { return launch != nullptr; }
+};
 
 template <int KT, int VT>
-Launch pick_dim(uint32_t d) {
+Instance pick_dim(uint32_t d) {
   switch (d) {
-    case 64: return launch_attn<KT, VT, 64>;
-    case 128: return launch_attn<KT, VT, 128>;
-    case 256: return launch_attn<KT, VT, 256>;
-    case 512: return launch_attn<KT, VT, 512>;
-    default: return nullptr;
+    case 64: return {launch_attn<KT, VT, 64>, attn_blocks_per_sm<KT, VT, 64>};
+    case 128: return {launch_attn<KT, VT, 128>, attn_blocks_per_sm<KT, VT, 128>};
+    case 256: return {launch_attn<KT, VT, 256>, attn_blocks_per_sm<KT, VT, 256>};
+    case 512: return {launch_attn<KT, VT, 512>, attn_blocks_per_sm<KT, VT, 512>};
+    default: return {};
   }
 }
 
 // The one table of compiled K/V pairs.
-Launch pick(uint32_t kt, uint32_t vt, uint32_t d) {
+Instance pick(uint32_t kt, uint32_t vt, uint32_t d) {
 #define TQKV_DECLARE_ATTN(KT, VT) \
   if (kt == KT && vt == VT) return pick_dim<KT, VT>(d);
 #include "cuda/instances/list.inc"
 #undef TQKV_DECLARE_ATTN
-  return nullptr;
+  return {};
 }
 
 uint32_t head_chunks(uint32_t group) { return (group + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
-// Blocks resident per SM for a typical instance (two: see Config's shared-memory budget); the
-// split count aims at two waves of them.
-constexpr uint32_t kBlocksPerSm = 2;
 constexpr int64_t kMinRowsPerSplit = 256;
 
+// Splits per (sequence, KV head, head chunk) for long contexts: as many as fill the resident
+// block slots of the device exactly once (one wave, no tail of a second partial wave).
 uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
   const uint32_t group = std::max(1u, num_q_heads / cfg.num_kv_heads);
-  const uint64_t blocks = uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
-  const uint64_t want = 2ull * kBlocksPerSm * uint64_t(std::max(1, dev.sm_count()));
-  return uint32_t(std::clamp<uint64_t>((want + blocks - 1) / blocks, 1, 1024));
+  const uint64_t pairs = uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
+  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim);
+  const uint64_t per_sm = inst ? uint64_t(inst.blocks_per_sm()) : 1;
+  const uint64_t slots = per_sm * uint64_t(std::max(1, dev.sm_count()));
+  return uint32_t(std::clamp<uint64_t>(slots / pairs, 1, 1024));
 }
 
 // Workspace bytes before the tail that carries host q_pos and sinks.
@@ -70,48 +78,104 @@ size_t partial_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uint3
   return (b + 255) / 256 * 256;
 }
 
-// Merges the splits of one (sequence, query head) and rotates the output back.
-__global__ void combine_kernel(const float* part_o, const float* part_ml, const float* sinks, const float* signs,
-                               float* out, float* lse, uint32_t num_q_heads, uint32_t nsplit, int d, int rotated) {
-  extern __shared__ float y[];  // [d]
+// Merges the splits of one (sequence, query head) and rotates the output back. Four warps:
+// warp w sums splits w, w+4, ... with lane l holding coordinates l*V .. l*V+V-1 (no shared-
+// memory passes), then warp 0 adds the four partial sums, applies the inverse rotation in
+// registers (FWHT strides below V in the lane, larger ones across lanes) and writes.
+constexpr int kCombineWarps = 4;
+
+template <int D>
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    combine_kernel(const float* part_o, const float* part_ml, const float* sinks, const float* signs, float* out,
+                   float* lse, uint32_t num_q_heads, uint32_t nsplit, int rotated) {
+  constexpr int V = D / 32;
+  __shared__ float part[kCombineWarps][D];
+  __shared__ float red[2][kCombineWarps];
+  __shared__ int red_bad[kCombineWarps];
   const uint32_t row = blockIdx.x, h = row % num_q_heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const float* ml = part_ml + size_t(row) * nsplit * 2;
-  const float* po = part_o + size_t(row) * nsplit * d;
+  const float* po = part_o + size_t(row) * nsplit * D;
   const float log2e = 1.4426950408889634f;
-  float m = sinks ? sinks[h] * log2e : -INFINITY;
-  bool bad = false;
-  for (uint32_t s = 0; s < nsplit; ++s) {
-    const float ms = ml[2 * s];
-    bad |= isnan(ms) || isnan(ml[2 * s + 1]);
-    m = fmaxf(m, ms);
+  float m = -INFINITY;
+  int bad = 0;  // a poisoned split (NaN) poisons the result
+  for (uint32_t s = threadIdx.x; s < nsplit; s += kCombineWarps * 32) {
+    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
+    bad |= isnan(v.x) || isnan(v.y);
+    m = fmaxf(m, v.x);
   }
-  const float mu = m == -INFINITY ? 0.0f : m;
-  float l = sinks ? exp2f(sinks[h] * log2e - mu) : 0.0f;
-  for (uint32_t s = 0; s < nsplit; ++s) l += ml[2 * s + 1] * exp2f(ml[2 * s] - mu);
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) {
-    float acc = 0.0f;
-    for (uint32_t s = 0; s < nsplit; ++s) {
-      const float w = exp2f(ml[2 * s] - mu);
-      if (w != 0.0f) acc += po[size_t(s) * d + c] * w;
-    }
-    y[c] = bad ? __int_as_float(0x7FC00000) : acc * inv;
+  for (int o = 16; o > 0; o >>= 1) {
+    m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    bad |= __shfl_xor_sync(0xFFFFFFFFu, bad, o);
+  }
+  if (lane == 0) {
+    red[0][warp] = m;
+    red_bad[warp] = bad;
   }
   __syncthreads();
-  if (rotated) {  // x = s .* (H y) / sqrt(d)
-    for (int len = 1; len < d; len <<= 1) {
-      for (int i = threadIdx.x; i < d / 2; i += blockDim.x) {
-        const int a = (i / len) * 2 * len + (i % len), b = a + len;
-        const float u = y[a], v = y[b];
-        y[a] = u + v;
-        y[b] = u - v;
-      }
-      __syncthreads();
+  m = sinks ? sinks[h] * log2e : -INFINITY;
+  bad = 0;
+  for (int i = 0; i < kCombineWarps; ++i) {
+    m = fmaxf(m, red[0][i]);
+    bad |= red_bad[i];
+  }
+  const float mu = m == -INFINITY ? 0.0f : m;
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.0f;
+  float l = 0.0f;
+#pragma unroll 4
+  for (uint32_t s = warp; s < nsplit; s += kCombineWarps) {
+    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
+    const float w = exp2f(v.x - mu);
+    l += v.y * w;
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const float2 o = *reinterpret_cast<const float2*>(po + size_t(s) * D + lane * V + j);
+      acc[j] += o.x * w;
+      acc[j + 1] += o.y * w;
     }
   }
-  const float norm = rotated ? rsqrtf(float(d)) : 1.0f;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) out[size_t(row) * d + c] = y[c] * norm * (rotated ? signs[c] : 1.0f);
-  if (lse && threadIdx.x == 0)
+#pragma unroll
+  for (int j = 0; j < V; ++j) part[warp][lane * V + j] = acc[j];
+  if (lane == 0) red[1][warp] = l;
+  __syncthreads();
+  if (warp != 0) return;
+  l = sinks ? exp2f(sinks[h] * log2e - mu) : 0.0f;
+  for (int i = 0; i < kCombineWarps; ++i) l += red[1][i];
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  float y[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    float sum = 0.0f;
+    for (int i = 0; i < kCombineWarps; ++i) sum += part[i][lane * V + j];
+    y[j] = bad ? __int_as_float(0x7FC00000) : sum * inv;
+  }
+  if (rotated) {  // x = s .* (H y) / sqrt(D)
+#pragma unroll
+    for (int st = 1; st < V; st <<= 1)
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (!(j & st)) {
+          const float a = y[j], b = y[j + st];
+          y[j] = a + b;
+          y[j + st] = a - b;
+        }
+#pragma unroll
+    for (int lst = 1; lst < 32; lst <<= 1)
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float o = __shfl_xor_sync(0xFFFFFFFFu, y[j], lst);
+        y[j] = (lane & lst) ? o - y[j] : y[j] + o;
+      }
+    const float norm = rsqrtf(float(D));
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[j] *= norm * signs[lane * V + j];
+  }
+#pragma unroll
+  for (int j = 0; j < V; j += 2)
+    *reinterpret_cast<float2*>(out + size_t(row) * D + lane * V + j) = make_float2(y[j], y[j + 1]);
+  if (lse && lane == 0)
     lse[row] = bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);
 }
 
@@ -121,7 +185,7 @@ bool supported(const tqkv_cache_config& cfg, uint32_t group, const char** why) {
   static const char* kTypes =
       "k_type/v_type: this pair is not compiled into the CUDA backend; CUDA supports 2, 3, 4, 8 (TurboQuant "
       "bits) and 16 (f16), all TurboQuant pairs and f16/f16 (configure with TQKV_CUDA_ALL_PAIRS=ON for mixed f16 pairs)";
-  if (!cuda_type(cfg.k_type) || !cuda_type(cfg.v_type) || pick(cfg.k_type, cfg.v_type, cfg.head_dim) == nullptr) {
+  if (!cuda_type(cfg.k_type) || !cuda_type(cfg.v_type) || !pick(cfg.k_type, cfg.v_type, cfg.head_dim)) {
     *why = kTypes;
     return false;
   }
@@ -148,8 +212,8 @@ size_t workspace_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uin
 
 void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCall& call, int64_t max_visible) {
   const uint32_t group = call.num_q_heads / cfg.num_kv_heads;
-  const Launch launch = pick(cfg.k_type, cfg.v_type, cfg.head_dim);
-  if (launch == nullptr) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
+  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim);
+  if (!inst) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
   const uint32_t ns = num_splits(dev, cfg, call.num_q_heads, max_visible);
   auto stream = static_cast<cudaStream_t>(dev.stream());
   AttnKernelParams p{};
@@ -184,12 +248,18 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   p.k_scale_f16 = k.scale_f16 && fmt::is_tq(k.type);
   p.v_scale_f16 = v.scale_f16 && fmt::is_tq(v.type);
   p.centered = fmt::is_tq(k.type);
+  p.k_tab = k.tab;
+  p.v_tab = v.tab;
   const dim3 grid(ns, cfg.num_kv_heads * p.head_chunks, cfg.num_seqs);
-  launch(p, grid, stream);
-  const int threads = std::min<int>(int(cfg.head_dim), 256);
-  combine_kernel<<<cfg.num_seqs * call.num_q_heads, threads, cfg.head_dim * sizeof(float), stream>>>(
-      p.part_o, p.part_ml, call.sinks, dev.signs(), call.out, call.lse, call.num_q_heads, ns, int(cfg.head_dim),
-      fmt::is_tq(v.type) ? 1 : 0);
+  inst.launch(p, grid, stream);
+  const uint32_t rows = cfg.num_seqs * call.num_q_heads;
+  const int rot = fmt::is_tq(v.type) ? 1 : 0;
+  auto* combine = cfg.head_dim == 64    ? combine_kernel<64>
+                  : cfg.head_dim == 128 ? combine_kernel<128>
+                  : cfg.head_dim == 256 ? combine_kernel<256>
+                                        : combine_kernel<512>;
+  combine<<<rows, kCombineWarps * 32, 0, stream>>>(p.part_o, p.part_ml, call.sinks, dev.signs(), call.out, call.lse,
+                                                    call.num_q_heads, ns, rot);
   TQKV_CUDA_LAUNCHED("combine_kernel");
 }
 

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/format.h"
 #include "cuda/check.cuh"
@@ -48,6 +49,7 @@ struct AttnKernelParams {
   uint32_t window;
   float scale, softcap;
   int k_scale_f16, v_scale_f16, centered;
+  HalfBytes k_tab, v_tab;  // f16 centroid tables for 2/3/4-bit types, built on the host
 };
 
 // Shared memory layout of one block, in bytes.
@@ -60,11 +62,12 @@ struct Smem {
   static constexpr int kStage = kTileK + kTileV + 2 * TK * 4;  // rows + one scale word per row
   static constexpr int kStages = STAGES * kStage;
   static constexpr int kQ = 2 * kHeadsPerBlock * D * 2;        // query hi and lo parts (f16)
-  static constexpr int kQf = kHeadsPerBlock * D * 4;           // f32 query during rotation
-  static constexpr int kS = TK * kHeadsPerBlock * 4;           // scores of one tile
-  static constexpr int kLut = 2 * 256 * 2;                     // TQ8 tables for K and V
+  // Softmax exchange: per-warp maxima and sums per head, then the tile's weights as f16 hi/lo
+  // in the PV mma's B-fragment order ([sub-tile][lane] x 16 bytes).
+  static constexpr int kS = 2 * kWarps * kHeadsPerBlock * 4 + (TK / 16) * 32 * 16;
+  static constexpr int kLut = (KT == fmt::TQ8 || VT == fmt::TQ8) ? 2 * 256 * 2 : 0;  // TQ8 tables
   static constexpr int kMisc = 4 * kHeadsPerBlock * 4;         // per-head constants
-  static constexpr int kTotal = kStages + kQ + kQf + kS + kLut + kMisc;
+  static constexpr int kTotal = kStages + kQ + kS + kLut + kMisc;
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -83,6 +86,18 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
+// Byte offset of (row, byte) in a tile whose rows are STRIDE bytes apart: 16-byte chunks are
+// permuted per row so that 8 consecutive rows reading the same chunk hit different banks.
+template <int STRIDE>
+__device__ __forceinline__ int swz(int row, int byte) {
+  constexpr int cpr = STRIDE / 16;
+  int x = 0;
+  if constexpr (cpr % 8 == 0) x = row & 7;
+  else if constexpr (cpr % 4 == 0) x = (row >> 1) & 3;
+  else if constexpr (cpr % 2 == 0) x = (row >> 2) & 1;
+  return row * STRIDE + (((byte >> 4) ^ x) << 4) + (byte & 15);
+}
+
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -95,6 +110,13 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   uint32_t r;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
   return r;
+}
+
+// 2^x for x <= 0 (and -inf -> 0): the hardware approximation, relative error ~2^-22.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
@@ -126,10 +148,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* stages = smem;
   uint32_t* q_hl = reinterpret_cast<uint32_t*>(smem + L::kStages);  // [k-step][quad t][head][hi0 hi1 lo0 lo1]
-  float* qf = reinterpret_cast<float*>(smem + L::kStages + L::kQ);
-  float* s_tile = reinterpret_cast<float*>(smem + L::kStages + L::kQ + L::kQf);  // [TK][8]
-  __half* lut = reinterpret_cast<__half*>(smem + L::kStages + L::kQ + L::kQf + L::kS);
-  float* misc = reinterpret_cast<float*>(smem + L::kStages + L::kQ + L::kQf + L::kS + L::kLut);
+  float* w_max = reinterpret_cast<float*>(smem + L::kStages + L::kQ);  // [warp][head]
+  float* w_sum = w_max + kWarps * kHeadsPerBlock;                         // [warp][head]
+  uint32_t* p_tile = reinterpret_cast<uint32_t*>(w_sum + kWarps * kHeadsPerBlock);
+  __half* lut = reinterpret_cast<__half*>(smem + L::kStages + L::kQ + L::kS);
+  float* misc = reinterpret_cast<float*>(smem + L::kStages + L::kQ + L::kS + L::kLut);
   float* q_unscale = misc;                   // [8]: undoes the power-of-two query scaling
   float* bias = misc + kHeadsPerBlock;       // [8]: scale * q . mu (key centering)
 
@@ -158,65 +181,129 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   const int64_t my_lo = lo + int64_t(split) * per, my_hi = min(hi, my_lo + per);
   const int64_t row_base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
 
-  // ---- prologue: rotate and scale the query heads, build tables ----
-  for (int i = tid; i < kHeadsPerBlock * D; i += kThreads) {
-    const int h = i / D, c = i % D;
-    float x = 0.0f;
-    if (h < nh) x = p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale;
-    if (KC::kRotated) x *= p.signs[c];
-    qf[i] = x;
-  }
-  if (tid < kHeadsPerBlock) bias[tid] = 0.0f;
-  __syncthreads();
-  if (p.centered) {  // bias = scale * q . mu, in the original domain (before the rotation below)
-    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D;
-    for (int h = warp; h < kHeadsPerBlock; h += kWarps) {
-      float acc = 0.0f;
-      for (int c = lane; c < D; c += 32) acc += (KC::kRotated ? qf[h * D + c] * p.signs[c] : qf[h * D + c]) * mu[c];
-      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
-      if (lane == 0) bias[h] = acc;
+  // ---- the first tiles' copies go out before the prologue, so memory is busy at once ----
+  // ---- the tile pipeline ----
+  const int ntiles = my_hi > my_lo ? int((my_hi - my_lo + TK - 1) / TK) : 0;
+  const uint8_t* kbase = p.k_data + row_base * L::kStrideK;
+  const uint8_t* vbase = p.v_data + row_base * L::kStrideV;
+  const int kss = p.k_scale_f16 ? 2 : 4, vss = p.v_scale_f16 ? 2 : 4;
+  const uint8_t* ksb = static_cast<const uint8_t*>(p.k_scales);
+  const uint8_t* vsb = static_cast<const uint8_t*>(p.v_scales);
+  // Which 16-byte chunks of a tile this thread copies is fixed, so their offsets inside a row
+  // and a stage are computed once; per tile only the first slot moves (consecutive positions;
+  // a ring wraps at most once inside a tile: rows from `wrap_at` on start again at slot 0).
+  const uint32_t cap = p.capacity;
+  constexpr int kCk = L::kStrideK / 16, kCv = L::kStrideV / 16;
+  constexpr int kItK = (TK * kCk + kThreads - 1) / kThreads, kItV = (TK * kCv + kThreads - 1) / kThreads;
+  auto copy_rows = [&](const uint8_t* rowp, int64_t wrap_bytes, int wrap_at, uint8_t* dst0, int nvalid,
+                       auto stride_c, auto cpr_c, auto iters_c) {
+    constexpr int stride = decltype(stride_c)::value, cpr = decltype(cpr_c)::value, iters = decltype(iters_c)::value;
+#pragma unroll
+    for (int i = 0; i < iters; ++i) {
+      const int c = tid + i * kThreads;
+      if (TK * cpr % kThreads != 0 && c >= TK * cpr) break;
+      const int rr = c / cpr, off = rr * stride + (c % cpr) * 16;
+      const bool valid = rr < nvalid;
+      const uint8_t* src = rowp + off - (rr >= wrap_at ? wrap_bytes : 0);
+      cp_async16(dst0 + swz<stride>(rr, (c % cpr) * 16), valid ? src : rowp, valid);
     }
-    __syncthreads();  // the rotation below overwrites qf
-  }
-  if (KC::kRotated) {
-    for (int len2 = 1; len2 < D; len2 <<= 1) {
-      for (int i = tid; i < kHeadsPerBlock * D / 2; i += kThreads) {
-        const int h = i / (D / 2), j = i % (D / 2);
-        const int a = h * D + (j / len2) * 2 * len2 + (j % len2), c = a + len2;
-        const float x = qf[a], y = qf[c];
-        qf[a] = x + y;
-        qf[c] = x - y;
+  };
+  auto issue = [&](int tile) {
+    if (tile < ntiles) {
+      uint8_t* st = stages + (tile % STAGES) * L::kStage;
+      const int64_t t0 = my_lo + int64_t(tile) * TK;
+      const int64_t slot0 = p.ring ? t0 % int64_t(cap) : t0;
+      const int nvalid = int(min(int64_t(TK), my_hi - t0));
+      const int wrap_at = p.ring ? int(min(int64_t(TK), int64_t(cap) - slot0)) : TK;
+      copy_rows(kbase + slot0 * L::kStrideK, int64_t(cap) * L::kStrideK, wrap_at, st, nvalid,
+                std::integral_constant<int, L::kStrideK>{}, std::integral_constant<int, kCk>{},
+                std::integral_constant<int, kItK>{});
+      copy_rows(vbase + slot0 * L::kStrideV, int64_t(cap) * L::kStrideV, wrap_at, st + L::kTileK, nvalid,
+                std::integral_constant<int, L::kStrideV>{}, std::integral_constant<int, kCv>{},
+                std::integral_constant<int, kItV>{});
+      if (tid < 2 * TK) {  // one scale word per row (TQ types; dense rows have none)
+        const bool isk = tid < TK;
+        const int rr = isk ? tid : tid - TK;
+        const bool has = isk ? fmt::is_tq(KT) : fmt::is_tq(VT);
+        if (has) {
+          const bool valid = rr < nvalid;
+          const int ss = isk ? kss : vss;
+          const uint8_t* sb = isk ? ksb : vsb;
+          const int64_t slot = slot0 + rr - (rr >= wrap_at ? int64_t(cap) : 0);
+          const uint8_t* src = valid ? sb + (((row_base + slot) * ss) & ~int64_t(3)) : sb;
+          cp_async4(st + L::kTileK + L::kTileV + (isk ? 0 : TK * 4) + rr * 4, src, valid);
+        }
       }
-      __syncthreads();
     }
-  }
-  __syncthreads();
-  // Rotated coordinates (FWHT / sqrt(D)) times 1/sqrt(D) for centroid units: 1/D in all.
+    cp_async_commit();
+  };
+  for (int s = 0; s < STAGES - 1; ++s) issue(s);
+
+  // ---- prologue: each warp rotates and scales two query heads in registers ----
+  // Lane l holds coordinates l*V .. l*V+V-1 of a head; FWHT strides below V stay in the lane,
+  // larger ones pair lanes by xor. Rotated coordinates (FWHT / sqrt(D)) also carry 1/sqrt(D)
+  // for centroid units: 1/D in all.
+  constexpr int V = D / 32;
   const float post = KC::kRotated ? 1.0f / float(D) : 1.0f;
   for (int h = warp; h < kHeadsPerBlock; h += kWarps) {
+    float x[V];
+    float dot = 0.0f;
+    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D + lane * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = lane * V + j;
+      x[j] = h < nh ? p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale : 0.0f;
+      if (p.centered) dot += x[j] * mu[j];  // bias = scale * q . mu, original domain
+      if (KC::kRotated) x[j] *= p.signs[c];
+    }
+    if (KC::kRotated) {
+#pragma unroll
+      for (int st = 1; st < V; st <<= 1)
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (!(j & st)) {
+            const float u = x[j], w = x[j + st];
+            x[j] = u + w;
+            x[j + st] = u - w;
+          }
+#pragma unroll
+      for (int lst = 1; lst < 32; lst <<= 1)
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float o = __shfl_xor_sync(0xFFFFFFFFu, x[j], lst);
+          x[j] = (lane & lst) ? o - x[j] : x[j] + o;
+        }
+    }
     float mx = 0.0f;
-    for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(qf[h * D + c] * post));
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      x[j] *= post;
+      mx = fmaxf(mx, fabsf(x[j]));
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+    }
     // Power-of-two scaling keeps the f16 parts normal: max |q| lands in [2^13, 2^14).
     int e = 0;
     frexpf(mx > 0.0f ? mx : 1.0f, &e);
     const float up = ldexpf(1.0f, 14 - e);
     if (lane == 0) {
       q_unscale[h] = 1.0f / up;
-      misc[3 * kHeadsPerBlock + h] = up * post;
+      bias[h] = p.centered ? dot : 0.0f;
     }
-  }
-  __syncthreads();
-  // Fragment order: thread (r = head, t) of k-step s reads logical coordinates t*D/4 + 4s + 0..3.
-  for (int i = tid; i < kHeadsPerBlock * D / 4; i += kThreads) {
-    const int s = i / (4 * kHeadsPerBlock), t = (i / kHeadsPerBlock) % 4, h = i % kHeadsPerBlock;
-    const float mul = misc[3 * kHeadsPerBlock + h];
-    const float* src = qf + h * D + t * (D / 4) + 4 * s;
-    uint32_t h0w, l0w, h1w, l1w;
-    split_half2(src[0] * mul, src[1] * mul, h0w, l0w);
-    split_half2(src[2] * mul, src[3] * mul, h1w, l1w);
-    uint4* dst = reinterpret_cast<uint4*>(q_hl) + i;
-    *dst = make_uint4(h0w, h1w, l0w, l1w);
+    // Fragment order: thread (r = head, t) of k-step s reads coordinates t*D/4 + 4s + 0..3, as
+    // uint4 {hi(0,1), hi(2,3), lo(0,1), lo(2,3)} at index s*32 + head*4 + t (its lane: no conflicts).
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const int c = lane * V + j;  // even: a pair (c, c+1) lands in one 32-bit word
+      const int tq = c / (D / 4), sq = (c % (D / 4)) / 4, eq = c % 4;
+      uint32_t hw, lw;
+      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
+      uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;  // lane (head, t) of k-step sq
+      dst[eq / 2] = hw;
+      dst[2 + eq / 2] = lw;
+    }
   }
   if (KT == fmt::TQ8)
     for (int i = tid; i < 256; i += kThreads) lut[i] = __float2half_rn(p.k_centroids[i]);
@@ -225,53 +312,13 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   __syncthreads();
   typename KC::Table kt;
   typename VC::Table vt;
-  KC::init(kt, p.k_centroids, lut);
-  VC::init(vt, p.v_centroids, lut + 256);
+  KC::init(kt, p.k_tab, lut);
+  VC::init(vt, p.v_tab, lut + 256);
 
-  // ---- the tile pipeline ----
-  const int ntiles = my_hi > my_lo ? int((my_hi - my_lo + TK - 1) / TK) : 0;
-  const uint8_t* kbase = p.k_data + row_base * L::kStrideK;
-  const uint8_t* vbase = p.v_data + row_base * L::kStrideV;
-  const int kss = p.k_scale_f16 ? 2 : 4, vss = p.v_scale_f16 ? 2 : 4;
-  const uint8_t* ksb = static_cast<const uint8_t*>(p.k_scales);
-  const uint8_t* vsb = static_cast<const uint8_t*>(p.v_scales);
-  auto issue = [&](int tile) {
-    if (tile < ntiles) {
-      uint8_t* st = stages + (tile % STAGES) * L::kStage;
-      const int64_t t0 = my_lo + int64_t(tile) * TK;
-      constexpr int ck = L::kStrideK / 16, cv = L::kStrideV / 16;
-      for (int c = tid; c < TK * (ck + cv); c += kThreads) {
-        const bool isk = c < TK * ck;
-        const int cc = isk ? c : c - TK * ck, per_row = isk ? ck : cv;
-        const int r = cc / per_row, off = (cc % per_row) * 16;
-        const int64_t pos = t0 + r;
-        const bool valid = pos < my_hi;
-        int64_t slot = p.ring ? pos % int64_t(p.capacity) : pos;
-        if (!valid) slot = 0;
-        const uint8_t* src = (isk ? kbase + slot * L::kStrideK : vbase + slot * L::kStrideV) + off;
-        uint8_t* dst = st + (isk ? r * L::kStrideK : L::kTileK + r * L::kStrideV) + off;
-        cp_async16(dst, src, valid);
-      }
-      if (tid < 2 * TK) {  // one scale word per row (TQ types; dense rows have none)
-        const bool isk = tid < TK;
-        const int r = isk ? tid : tid - TK;
-        const int64_t pos = t0 + r;
-        const bool has = isk ? fmt::is_tq(KT) : fmt::is_tq(VT);
-        const bool valid = pos < my_hi && has;
-        const int64_t slot = valid ? (p.ring ? pos % int64_t(p.capacity) : pos) : 0;
-        const int64_t idx = row_base + slot;
-        const int ss = isk ? kss : vss;
-        const uint8_t* src = (isk ? ksb : vsb) + ((idx * ss) & ~int64_t(3));
-        uint8_t* dst = st + L::kTileK + L::kTileV + (isk ? 0 : TK * 4) + r * 4;
-        if (has) cp_async4(dst, valid ? src : (isk ? ksb : vsb), valid);
-      }
-    }
-    cp_async_commit();
-  };
-  for (int s = 0; s < STAGES - 1; ++s) issue(s);
 
   const int r = lane >> 2, t = lane & 3;  // mma fragment coordinates
-  float m_run = -INFINITY, l_run = 0.0f;   // for head r (every warp holds the same)
+  // Running max and sum for heads 2t and 2t+1 (every warp holds the same values).
+  float m_run0 = -INFINITY, m_run1 = -INFINITY, l_run0 = 0.0f, l_run1 = 0.0f;
   constexpr int kUnits = D / 128 > 0 ? D / 128 : 1;  // 8-coordinate units of a warp's V slice per thread
   constexpr int kVdims = D / 16;                     // coordinates of the V slice per thread
   float acc[kUnits][2][4];
@@ -297,97 +344,136 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     const float* vscale = kscale + TK;
     const int64_t t0 = my_lo + int64_t(tile) * TK;
     // Which half of a scale word holds row rr's f16 scale (0: f32 scales).
+    // f16 scales: which half of the copied word holds row rr's scale. Row index parity is
+    // (row_base + slot0 + rr) & 1, shifted by cap's parity past the ring's wrap point.
+    int base_par = 0, wrap_at = TK, cap_par = 0;
+    if (p.k_scale_f16 || p.v_scale_f16) {
+      const int64_t slot0 = p.ring ? t0 % int64_t(cap) : t0;
+      base_par = int((row_base + slot0) & 1);
+      wrap_at = p.ring ? int(min(int64_t(TK), int64_t(cap) - slot0)) : TK;
+      cap_par = int(cap & 1);
+    }
     auto parity = [&](int rr, int f16) -> int {
-      if (!f16) return 0;
-      const int64_t pos = t0 + rr;
-      const int64_t slot = p.ring ? pos % int64_t(p.capacity) : pos;
-      return 1 + int((row_base + slot) & 1);
+      return f16 ? 1 + ((base_par + rr + (rr >= wrap_at ? cap_par : 0)) & 1) : 0;
     };
 
     // ---- QK: warp w scores rows [16w, 16w+16) ----
-    if (warp * 16 < TK) {
+    // x[0], x[1]: row r, heads 2t, 2t+1; x[2], x[3]: row r + 8 (the mma's C fragment).
+    const bool has_rows = warp * 16 < TK;
+    const int kr0 = warp * 16 + r, kr1 = kr0 + 8;
+    float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    if (has_rows) {
       float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const uint8_t* row0 = ks + (warp * 16 + r) * L::kStrideK;
-      const uint8_t* row1 = row0 + 8 * L::kStrideK;
+      auto at0 = [&](int off) { return ks + swz<L::kStrideK>(kr0, off); };
+      auto at1 = [&](int off) { return ks + swz<L::kStrideK>(kr1, off); };
       const uint4* qfrag = reinterpret_cast<const uint4*>(q_hl);
 #pragma unroll 4
       for (int u = 0; u < D / 32; ++u) {  // 8 coordinates of each row per unit = 2 k-steps
         uint32_t a0[4], a1[4];
-        KC::decode8(kt, row0, t * (D / 4) + 8 * u, D, a0);
-        KC::decode8(kt, row1, t * (D / 4) + 8 * u, D, a1);
+        KC::decode8(kt, at0, t * (D / 4) + 8 * u, D, a0);
+        KC::decode8(kt, at1, t * (D / 4) + 8 * u, D, a1);
 #pragma unroll
         for (int ss = 0; ss < 2; ++ss) {
           const int s = 2 * u + ss;
-          const uint4 qv = qfrag[(s * 4 + t) * kHeadsPerBlock + r];
+          const uint4 qv = qfrag[s * 32 + lane];
           const uint32_t a[4] = {a0[2 * ss], a1[2 * ss], a0[2 * ss + 1], a1[2 * ss + 1]};
           mma16816(c, a, qv.x, qv.y);  // hi part of the query
           mma16816(c, a, qv.z, qv.w);  // lo part
         }
       }
-      // c0, c1: row r, heads 2t, 2t+1; c2, c3: row r + 8.
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int rr = warp * 16 + r + 8 * half;
-        const int64_t pos = t0 + rr;
+        const int rr = half ? kr1 : kr0;
         float ksc = 1.0f;
-        if (fmt::is_tq(KT)) ksc = load_scale_word(kscale, rr, parity(rr, p.k_scale_f16));
+        if (fmt::is_tq(KT)) ksc = p.k_scale_f16 ? load_scale_word(kscale, rr, parity(rr, 1)) : kscale[rr];
         float x0 = c[2 * half] * qun * ksc + bias0, x1 = c[2 * half + 1] * qun1 * ksc + bias1;
         if (p.softcap > 0.0f) {
           x0 = p.softcap * tanhf(x0 / p.softcap);
           x1 = p.softcap * tanhf(x1 / p.softcap);
         }
-        x0 *= log2e;
-        x1 *= log2e;
-        if (pos >= my_hi) x0 = x1 = -INFINITY;
-        *reinterpret_cast<float2*>(s_tile + rr * kHeadsPerBlock + 2 * t) = make_float2(x0, x1);
+        const bool live = t0 + rr < my_hi;
+        x[2 * half] = live ? x0 * log2e : -INFINITY;
+        x[2 * half + 1] = live ? x1 * log2e : -INFINITY;
+      }
+    }
+    // ---- online softmax, each score computed by the warp that owns its row ----
+    // Per-warp maxima per head (lanes sharing t hold heads 2t, 2t+1), then the tile's.
+    float mx0 = fmaxf(x[0], x[2]), mx1 = fmaxf(x[1], x[3]);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, o));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, o));
+    }
+    if (r == 0) {
+      w_max[warp * kHeadsPerBlock + 2 * t] = mx0;
+      w_max[warp * kHeadsPerBlock + 2 * t + 1] = mx1;
+    }
+    __syncthreads();
+    float tm0 = -INFINITY, tm1 = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      tm0 = fmaxf(tm0, w_max[w * kHeadsPerBlock + 2 * t]);
+      tm1 = fmaxf(tm1, w_max[w * kHeadsPerBlock + 2 * t + 1]);
+    }
+    const float mn0 = fmaxf(m_run0, tm0), mn1 = fmaxf(m_run1, tm1);
+    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+    const float al0 = fast_exp2(m_run0 - mu0), al1 = fast_exp2(m_run1 - mu1);
+    m_run0 = mn0;
+    m_run1 = mn1;
+    {
+      const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
+      float ps0 = pr[0] + pr[2], ps1 = pr[1] + pr[3];
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) {
+        ps0 += __shfl_xor_sync(0xFFFFFFFFu, ps0, o);
+        ps1 += __shfl_xor_sync(0xFFFFFFFFu, ps1, o);
+      }
+      if (r == 0) {
+        w_sum[warp * kHeadsPerBlock + 2 * t] = ps0;
+        w_sum[warp * kHeadsPerBlock + 2 * t + 1] = ps1;
+      }
+      if (has_rows) {
+        // The V row scale is folded into the weights; f16 hi + lo parts go where the PV mma's
+        // B fragment of sub-tile `warp` expects them: key k, head h -> lane h*4 + (k%8)/2,
+        // word (k >= 8) (+2 for lo), half k%2.
+        float vs0 = 1.0f, vs1 = 1.0f;
+        if (fmt::is_tq(VT)) {
+          vs0 = (p.v_scale_f16 ? load_scale_word(vscale, kr0, parity(kr0, 1)) : vscale[kr0]) * vmul;
+          vs1 = (p.v_scale_f16 ? load_scale_word(vscale, kr1, parity(kr1, 1)) : vscale[kr1]) * vmul;
+        }
+        __half* pw = reinterpret_cast<__half*>(p_tile) + warp * 32 * 8;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = pr[e] * (e < 2 ? vs0 : vs1);
+          const __half hv = __float2half_rn(v);
+          const __half lv = __float2half_rn(v - __half2float(hv));
+          const int head = 2 * t + (e & 1), word = e >> 1;
+          const int dst = ((head * 4 + (r >> 1)) * 4 + word) * 2 + (r & 1);
+          pw[dst] = hv;
+          pw[dst + 4] = lv;
+        }
       }
     }
     __syncthreads();
-
-    // ---- online softmax (head r; the 4 lanes of a quad share a head) ----
-    constexpr int kSub = TK / 16;
-    float sv[kSub][4];
-    float tmax = -INFINITY;
+    float ts0 = 0.0f, ts1 = 0.0f;
 #pragma unroll
-    for (int sub = 0; sub < kSub; ++sub) {
-      const int base = sub * 16 + 2 * t;
-      sv[sub][0] = s_tile[(base + 0) * kHeadsPerBlock + r];
-      sv[sub][1] = s_tile[(base + 1) * kHeadsPerBlock + r];
-      sv[sub][2] = s_tile[(base + 8) * kHeadsPerBlock + r];
-      sv[sub][3] = s_tile[(base + 9) * kHeadsPerBlock + r];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) tmax = fmaxf(tmax, sv[sub][e]);
+    for (int w = 0; w < kWarps; ++w) {
+      ts0 += w_sum[w * kHeadsPerBlock + 2 * t];
+      ts1 += w_sum[w * kHeadsPerBlock + 2 * t + 1];
     }
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xFFFFFFFFu, tmax, 1));
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xFFFFFFFFu, tmax, 2));
-    const float m_new = fmaxf(m_run, tmax);
-    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-    const float alpha = exp2f(m_run - m_use);
-    float psum = 0.0f;
+    l_run0 = l_run0 * al0 + ts0;
+    l_run1 = l_run1 * al1 + ts1;
+    constexpr int kSub = TK / 16;
     uint32_t pb[kSub][4];  // per sub: b0 hi, b1 hi, b0 lo, b1 lo
 #pragma unroll
     for (int sub = 0; sub < kSub; ++sub) {
-      float pe[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        pe[e] = exp2f(sv[sub][e] - m_use);
-        psum += pe[e];
-      }
-      const int base = sub * 16 + 2 * t;
-      const int rows[4] = {base, base + 1, base + 8, base + 9};
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (fmt::is_tq(VT)) pe[e] *= load_scale_word(vscale, rows[e], parity(rows[e], p.v_scale_f16)) * vmul;
-      split_half2(pe[0], pe[1], pb[sub][0], pb[sub][2]);
-      split_half2(pe[2], pe[3], pb[sub][1], pb[sub][3]);
+      const uint4 v = reinterpret_cast<const uint4*>(p_tile)[sub * 32 + lane];
+      pb[sub][0] = v.x;
+      pb[sub][1] = v.y;
+      pb[sub][2] = v.z;
+      pb[sub][3] = v.w;
     }
-    psum += __shfl_xor_sync(0xFFFFFFFFu, psum, 1);
-    psum += __shfl_xor_sync(0xFFFFFFFFu, psum, 2);
-    l_run = l_run * alpha + psum;
-    m_run = m_new;
-    // Rescale the output accumulators: columns are heads 2t and 2t+1, whose alphas live in the
-    // quads of lanes 8t and 8t+4.
-    const float al0 = __shfl_sync(0xFFFFFFFFu, alpha, 8 * t), al1 = __shfl_sync(0xFFFFFFFFu, alpha, 8 * t + 4);
+    // Output accumulator columns are heads 2t, 2t+1: the same lanes' alphas.
 #pragma unroll
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
@@ -402,19 +488,20 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     const int c0 = warp * (D / 4) + t * kVdims;
 #pragma unroll
     for (int sub = 0; sub < kSub; ++sub) {
-      const uint8_t* row0 = vs + (sub * 16 + r) * L::kStrideV;
-      const uint8_t* row1 = row0 + 8 * L::kStrideV;
+      const int vr0 = sub * 16 + r, vr1 = vr0 + 8;
+      auto at0 = [&](int off) { return vs + swz<L::kStrideV>(vr0, off); };
+      auto at1 = [&](int off) { return vs + swz<L::kStrideV>(vr1, off); };
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
         uint32_t v0[4], v1[4];
         if constexpr (kVdims >= 8) {
-          VC::decode8(vt, row0, c0 + 8 * u, D, v0);
-          VC::decode8(vt, row1, c0 + 8 * u, D, v1);
+          VC::decode8(vt, at0, c0 + 8 * u, D, v0);
+          VC::decode8(vt, at1, c0 + 8 * u, D, v1);
         } else {  // D = 64: 4 coordinates per thread; decode the aligned 8 and keep our half
           uint32_t w0[4], w1[4];
           const int base8 = c0 & ~7, off = (c0 & 7) / 2;
-          VC::decode8(vt, row0, base8, D, w0);
-          VC::decode8(vt, row1, base8, D, w1);
+          VC::decode8(vt, at0, base8, D, w0);
+          VC::decode8(vt, at1, base8, D, w1);
           v0[0] = off ? w0[2] : w0[0];  // constant indices keep the arrays in registers
           v0[1] = off ? w0[3] : w0[1];
           v1[0] = off ? w1[2] : w1[0];
@@ -451,21 +538,25 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
         const int coord = warp * (D / 4) + (r >> 1) * kVdims + 8 * u + 2 * pair + (r & 1);
         if (head < nh) po[head * head_stride + coord] = bad ? nanv : acc[u][j][e];
       }
-  if (warp == 0 && t == 0 && r < nh) {
-    float* ml = p.part_ml + ((size_t(b) * p.num_q_heads + h0 + r) * p.nsplit + split) * 2;
-    ml[0] = bad ? nanv : m_run;
-    ml[1] = bad ? nanv : l_run;
-  }
+  if (warp == 0 && r == 0)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int head = 2 * t + e;
+      if (head >= nh) continue;
+      float* ml = p.part_ml + ((size_t(b) * p.num_q_heads + h0 + head) * p.nsplit + split) * 2;
+      ml[0] = bad ? nanv : (e ? m_run1 : m_run0);
+      ml[1] = bad ? nanv : (e ? l_run1 : l_run0);
+    }
 }
 
-// Tile rows and pipeline depth per instance: 64-row tiles unless a stage would pass 48 KB,
-// and as many stages (2..4) as fit in about 96 KB, so that two blocks share an SM.
+// Tile rows and pipeline depth per instance: 64-row tiles unless a stage would pass 48 KB;
+// three stages when a stage is small (several blocks share an SM), else two.
 template <int KT, int VT, int D>
 struct Config {
   static constexpr int kRowBytes = int(fmt::row_stride(KT, D) + fmt::row_stride(VT, D)) + 8;
   static constexpr int TK = 64 * kRowBytes <= 48 * 1024 ? 64 : 32;
   static constexpr int kStageBytes = TK * kRowBytes;
-  static constexpr int STAGES = (96 * 1024) / kStageBytes >= 4 ? 4 : (96 * 1024) / kStageBytes >= 3 ? 3 : 2;
+  static constexpr int STAGES = kStageBytes <= 24 * 1024 ? 3 : 2;
   using Layout = Smem<KT, VT, D, TK, STAGES>;
 };
 
@@ -481,10 +572,30 @@ void launch_attn(const AttnKernelParams& p, dim3 grid, cudaStream_t stream) {
   TQKV_CUDA_LAUNCHED("attn_decode_kernel");
 }
 
-#define TQKV_INSTANTIATE_ATTN(KT, VT)                                                       \
-  template void launch_attn<KT, VT, 64>(const AttnKernelParams&, dim3, cudaStream_t);  \
-  template void launch_attn<KT, VT, 128>(const AttnKernelParams&, dim3, cudaStream_t); \
-  template void launch_attn<KT, VT, 256>(const AttnKernelParams&, dim3, cudaStream_t); \
-  template void launch_attn<KT, VT, 512>(const AttnKernelParams&, dim3, cudaStream_t);
+// Blocks of this instance that fit on one SM (the split count fills exactly whole waves).
+template <int KT, int VT, int D>
+int attn_blocks_per_sm_uncached() {
+  using C = Config<KT, VT, D>;
+  auto* kernel = attn_decode_kernel<KT, VT, D, C::TK, C::STAGES>;
+  const int bytes = C::Layout::kTotal;
+  TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  int n = 0;
+  TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, bytes));
+  return n > 0 ? n : 1;
+}
+template <int KT, int VT, int D>
+int attn_blocks_per_sm() {
+  static const int n = attn_blocks_per_sm_uncached<KT, VT, D>();  // per process: one device kind assumed
+  return n;
+}
+
+#define TQKV_INSTANTIATE_ATTN_D(KT, VT, D)                                              \
+  template void launch_attn<KT, VT, D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  template int attn_blocks_per_sm<KT, VT, D>();
+#define TQKV_INSTANTIATE_ATTN(KT, VT)     \
+  TQKV_INSTANTIATE_ATTN_D(KT, VT, 64)     \
+  TQKV_INSTANTIATE_ATTN_D(KT, VT, 128)    \
+  TQKV_INSTANTIATE_ATTN_D(KT, VT, 256)    \
+  TQKV_INSTANTIATE_ATTN_D(KT, VT, 512)
 
 }  // namespace tqkv::cuda

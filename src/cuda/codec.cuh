@@ -1,7 +1,7 @@
 // Device-side decoding of stored rows into f16 pairs, the form the tensor-core attention kernel
 // feeds to mma. A codec is two things (style.md): how a thread turns 8 consecutive stored
-// coordinates of a row in shared memory into four half2 (decode8), and the per-block constants
-// it needs (Table). Centroids are rounded to f16 here; docs/kernel-notes.md gives the bound this
+// coordinates of a row in shared memory into four half2 (decode8; `at(byte)` gives the address
+// of a byte of the row, which the kernel swizzles), and the per-block constants it needs (Table). Centroids are rounded to f16 here; docs/kernel-notes.md gives the bound this
 // puts on the result and the parity test measures it.
 #pragma once
 #include <cuda_fp16.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "core/format.h"
+#include "cuda/half_bytes.h"
 
 namespace tqkv::cuda {
 
@@ -20,18 +21,7 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 
 // Bytes (lo, hi) of f16 values: two bytes per value, taken apart so that prmt can look up four
 // values at once from a table of up to 8 entries held in two registers.
-struct HalfBytes {
-  uint32_t lo[4], hi[4];  // entry e: byte (e & 3) of lo[e >> 2] / hi[e >> 2]
-};
 
-__device__ inline void make_table(const float* centroids, int levels, HalfBytes& t) {
-  for (int i = 0; i < 4; ++i) t.lo[i] = t.hi[i] = 0;
-  for (int e = 0; e < levels && e < 16; ++e) {
-    const uint16_t h = __half_as_ushort(__float2half_rn(centroids[e]));
-    t.lo[e >> 2] |= uint32_t(h & 0xFF) << ((e & 3) * 8);
-    t.hi[e >> 2] |= uint32_t(h >> 8) << ((e & 3) * 8);
-  }
-}
 
 // Four halves from four selector nibbles (3-bit indices, entries 0..7 of the table part p).
 __device__ __forceinline__ void lookup4_8(const HalfBytes& t, uint32_t sel, uint32_t& h01, uint32_t& h23) {
@@ -69,9 +59,10 @@ struct Codec<fmt::TQ4> {
   struct Table {
     HalfBytes hb;
   };
-  __device__ static void init(Table& t, const float* c, const __half*) { make_table(c, 16, t.hb); }
-  __device__ static void decode8(const Table& t, const uint8_t* row, int d0, int /*d*/, uint32_t h[4]) {
-    const uint32_t x = *reinterpret_cast<const uint32_t*>(row + d0 / 2);
+  __device__ static void init(Table& t, const HalfBytes& hb, const __half*) { t.hb = hb; }
+  template <class At>
+  __device__ static void decode8(const Table& t, At at, int d0, int /*d*/, uint32_t h[4]) {
+    const uint32_t x = *reinterpret_cast<const uint32_t*>(at(d0 / 2));
     lookup4_16(t.hb, x, h[0], h[1]);
     lookup4_16(t.hb, x >> 16, h[2], h[3]);
   }
@@ -84,9 +75,10 @@ struct Codec<fmt::TQ2> {
   struct Table {
     HalfBytes hb;
   };
-  __device__ static void init(Table& t, const float* c, const __half*) { make_table(c, 4, t.hb); }
-  __device__ static void decode8(const Table& t, const uint8_t* row, int d0, int /*d*/, uint32_t h[4]) {
-    const uint32_t x = *reinterpret_cast<const uint16_t*>(row + d0 / 4);
+  __device__ static void init(Table& t, const HalfBytes& hb, const __half*) { t.hb = hb; }
+  template <class At>
+  __device__ static void decode8(const Table& t, At at, int d0, int /*d*/, uint32_t h[4]) {
+    const uint32_t x = *reinterpret_cast<const uint16_t*>(at(d0 / 4));
     // Nibble k of e holds index 2k, of o index 2k+1.
     const uint32_t e = x & 0x3333u, o = (x >> 2) & 0x3333u;
     uint32_t e01, e23, o01, o23;  // halves of indices (0,2),(4,6) and (1,3),(5,7)
@@ -106,10 +98,11 @@ struct Codec<fmt::TQ3> {
   struct Table {
     HalfBytes hb;
   };
-  __device__ static void init(Table& t, const float* c, const __half*) { make_table(c, 8, t.hb); }
-  __device__ static void decode8(const Table& t, const uint8_t* row, int d0, int d, uint32_t h[4]) {
+  __device__ static void init(Table& t, const HalfBytes& hb, const __half*) { t.hb = hb; }
+  template <class At>
+  __device__ static void decode8(const Table& t, At at, int d0, int d, uint32_t h[4]) {
     const int m = d0 / 8, plane = d / 8;
-    const uint32_t sel = spread8(row[m]) | (spread8(row[plane + m]) << 1) | (spread8(row[2 * plane + m]) << 2);
+    const uint32_t sel = spread8(*at(m)) | (spread8(*at(plane + m)) << 1) | (spread8(*at(2 * plane + m)) << 2);
     lookup4_8(t.hb, sel, h[0], h[1]);
     lookup4_8(t.hb, sel >> 16, h[2], h[3]);
   }
@@ -122,9 +115,10 @@ struct Codec<fmt::TQ8> {
   struct Table {
     const __half* lut;
   };
-  __device__ static void init(Table& t, const float*, const __half* lut) { t.lut = lut; }
-  __device__ static void decode8(const Table& t, const uint8_t* row, int d0, int /*d*/, uint32_t h[4]) {
-    const uint2 x = *reinterpret_cast<const uint2*>(row + d0);
+  __device__ static void init(Table& t, const HalfBytes&, const __half* lut) { t.lut = lut; }
+  template <class At>
+  __device__ static void decode8(const Table& t, At at, int d0, int /*d*/, uint32_t h[4]) {
+    const uint2 x = *reinterpret_cast<const uint2*>(at(d0));
     const uint32_t w[2] = {x.x, x.y};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -140,9 +134,10 @@ template <>
 struct Codec<fmt::F16> {
   static constexpr bool kRotated = false;
   struct Table {};
-  __device__ static void init(Table&, const float*, const __half*) {}
-  __device__ static void decode8(const Table&, const uint8_t* row, int d0, int /*d*/, uint32_t h[4]) {
-    const uint4 x = *reinterpret_cast<const uint4*>(row + 2 * d0);
+  __device__ static void init(Table&, const HalfBytes&, const __half*) {}
+  template <class At>
+  __device__ static void decode8(const Table&, At at, int d0, int /*d*/, uint32_t h[4]) {
+    const uint4 x = *reinterpret_cast<const uint4*>(at(2 * d0));
     h[0] = x.x;
     h[1] = x.y;
     h[2] = x.z;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/format.h"
+#include "core/half.h"
 #include "cuda/check.cuh"
 #include "cuda/device_cache.h"
 
@@ -69,6 +70,11 @@ void init_plane(DevPlane& p, const core::Plane& h, size_t rows) {
     p.boundaries = dev_alloc<float>(cb.levels - 1, "codebook");
     TQKV_CUDA_CHECK(cudaMemcpy(p.centroids, cb.centroids, cb.levels * sizeof(float), cudaMemcpyHostToDevice));
     TQKV_CUDA_CHECK(cudaMemcpy(p.boundaries, cb.boundaries, (cb.levels - 1) * sizeof(float), cudaMemcpyHostToDevice));
+    for (uint32_t e = 0; e < cb.levels && e < 16; ++e) {
+      const uint16_t h = tqkv::f32_to_f16(cb.centroids[e]);  // round to nearest even, as __float2half_rn
+      p.tab.lo[e >> 2] |= uint32_t(h & 0xFF) << ((e & 3) * 8);
+      p.tab.hi[e >> 2] |= uint32_t(h >> 8) << ((e & 3) * 8);
+    }
   }
 }
 

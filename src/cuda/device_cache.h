@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/cache.h"
+#include "cuda/half_bytes.h"
 #include "tqkv/tqkv.h"
 
 namespace tqkv::cuda {
@@ -28,6 +29,7 @@ struct DevPlane {
   float* centroids = nullptr;  // [levels] (TQ types)
   float* boundaries = nullptr; // [levels - 1] (TQ types)
   bool lsq = false;
+  HalfBytes tab;               // f16 codebook for the attention kernel (2/3/4-bit types)
 };
 
 class DeviceCache {
