@@ -98,8 +98,9 @@ __device__ __forceinline__ int swz(int row, int byte) {
   return row * STRIDE + (((byte >> 4) ^ x) << 4) + (byte & 15);
 }
 
+// Not volatile: the compiler may interleave independent mma chains with other work.
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -108,7 +109,7 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
 
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   uint32_t r;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
   return r;
 }
 
@@ -321,13 +322,17 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   float m_run0 = -INFINITY, m_run1 = -INFINITY, l_run0 = 0.0f, l_run1 = 0.0f;
   constexpr int kUnits = D / 128 > 0 ? D / 128 : 1;  // 8-coordinate units of a warp's V slice per thread
   constexpr int kVdims = D / 16;                     // coordinates of the V slice per thread
-  float acc[kUnits][2][4];
+  // The lo parts of the weights accumulate separately (two mma chains) where registers allow.
+  constexpr int kAccSets = D <= 256 ? 2 : 1;
+  float acc[kAccSets][kUnits][2][4];
 #pragma unroll
-  for (int u = 0; u < kUnits; ++u)
+  for (int q = 0; q < kAccSets; ++q)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[u][j][e] = 0.0f;
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[q][u][j][e] = 0.0f;
   const float qun = q_unscale[2 * t], qun1 = q_unscale[2 * t + 1];
   const float bias0 = bias[2 * t], bias1 = bias[2 * t + 1];
   const float log2e = 1.4426950408889634f;
@@ -363,7 +368,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     const int kr0 = warp * 16 + r, kr1 = kr0 + 8;
     float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
     if (has_rows) {
-      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      // Four independent accumulators (unit parity x query hi/lo) keep four mma chains in flight.
+      float cc[4][4] = {};
       auto at0 = [&](int off) { return ks + swz<L::kStrideK>(kr0, off); };
       auto at1 = [&](int off) { return ks + swz<L::kStrideK>(kr1, off); };
       const uint4* qfrag = reinterpret_cast<const uint4*>(q_hl);
@@ -377,10 +383,13 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
           const int s = 2 * u + ss;
           const uint4 qv = qfrag[s * 32 + lane];
           const uint32_t a[4] = {a0[2 * ss], a1[2 * ss], a0[2 * ss + 1], a1[2 * ss + 1]};
-          mma16816(c, a, qv.x, qv.y);  // hi part of the query
-          mma16816(c, a, qv.z, qv.w);  // lo part
+          mma16816(cc[2 * (u & 1)], a, qv.x, qv.y);      // hi part of the query
+          mma16816(cc[2 * (u & 1) + 1], a, qv.z, qv.w);  // lo part
         }
       }
+      float c[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[e] = (cc[0][e] + cc[2][e]) + (cc[1][e] + cc[3][e]);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int rr = half ? kr1 : kr0;
@@ -475,14 +484,16 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     }
     // Output accumulator columns are heads 2t, 2t+1: the same lanes' alphas.
 #pragma unroll
-    for (int u = 0; u < kUnits; ++u)
+    for (int q = 0; q < kAccSets; ++q)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        acc[u][j][0] *= al0;
-        acc[u][j][1] *= al1;
-        acc[u][j][2] *= al0;
-        acc[u][j][3] *= al1;
-      }
+      for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          acc[q][u][j][0] *= al0;
+          acc[q][u][j][1] *= al1;
+          acc[q][u][j][2] *= al0;
+          acc[q][u][j][3] *= al1;
+        }
 
     // ---- PV: this warp's coordinates [warp*D/4, ...), this thread's kVdims of them ----
     const int c0 = warp * (D / 4) + t * kVdims;
@@ -513,8 +524,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
           // M rows 0-7: pair 2j; rows 8-15: pair 2j+1. K (rows of the tile): 0-7 from row0, 8-15 from row1.
           const uint32_t a[4] = {transpose8x8(v0[2 * j]), transpose8x8(v0[2 * j + 1]), transpose8x8(v1[2 * j]),
                                  transpose8x8(v1[2 * j + 1])};
-          mma16816(acc[u][j], a, pb[sub][0], pb[sub][1]);
-          mma16816(acc[u][j], a, pb[sub][2], pb[sub][3]);
+          mma16816(acc[0][u][j], a, pb[sub][0], pb[sub][1]);
+          mma16816(acc[kAccSets - 1][u][j], a, pb[sub][2], pb[sub][3]);
         }
       }
     }
@@ -536,7 +547,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
         const int head = 2 * t + (e & 1);
         const int pair = 2 * j + (e >> 1);
         const int coord = warp * (D / 4) + (r >> 1) * kVdims + 8 * u + 2 * pair + (r & 1);
-        if (head < nh) po[head * head_stride + coord] = bad ? nanv : acc[u][j][e];
+        const float val = kAccSets == 2 ? acc[0][u][j][e] + acc[kAccSets - 1][u][j][e] : acc[0][u][j][e];
+        if (head < nh) po[head * head_stride + coord] = bad ? nanv : val;
       }
   if (warp == 0 && r == 0)
 #pragma unroll
