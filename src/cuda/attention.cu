@@ -57,7 +57,9 @@ Instance pick(uint32_t kt, uint32_t vt, uint32_t d) {
 
 uint32_t head_chunks(uint32_t group) { return (group + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
-constexpr int64_t kMinRowsPerSplit = 256;
+// Two tiles: fewer rows per split spread short contexts over more blocks but grow the combine
+// (measured on the H100: docs/cuda-kernel-notes.md).
+constexpr int64_t kMinRowsPerSplit = 128;
 
 // Splits per (sequence, KV head, head chunk) for long contexts: as many as fill the resident
 // block slots of the device exactly once (one wave, no tail of a second partial wave).
