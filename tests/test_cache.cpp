@@ -7,6 +7,7 @@
 #include <limits>
 #include <random>
 
+#include "api/handle.h"
 #include "core/half.h"
 #include "test_util.h"
 
@@ -237,5 +238,54 @@ TEST(Cache, QueriesOnBadArgumentsFailCleanly) {
   EXPECT_EQ(tqkv_backend_available(TQKV_BACKEND_CPU), 1);
   CacheConfig cu = config(64, 1, 4);
   cu.backend = TQKV_BACKEND_CUDA;
-  expect_status(TQKV_ERROR_UNSUPPORTED, "backend", [&] { Cache x(cu); });
+  if (tqkv_backend_available(TQKV_BACKEND_CUDA) == 0) {  // no build or no device: a clear refusal
+    expect_status(TQKV_ERROR_UNSUPPORTED, "backend", [&] { Cache x(cu); });
+  } else {
+    EXPECT_NO_THROW(Cache x(cu));
+  }
+  CacheConfig bad = config(64, 1, 4);
+  bad.backend = static_cast<tqkv_backend>(7);
+  expect_status(TQKV_ERROR_INVALID_ARGUMENT, "backend", [&] { Cache x(bad); });
+}
+
+TEST(Cache, CopyBetweenCachesKeepsEveryByte) {
+  std::mt19937_64 rng(test::fresh_seed());
+  for (Type t : {Type::tq3, Type::tq4, Type::f16, Type::q4_0_had}) {
+    CacheConfig c = config(128, 2, 40, t, Type::tq2);
+    c.seqs(3, 40);
+    c.k_center = TQKV_CENTER_FIRST_APPEND;
+    c.ring(true);
+    Cache a(c), b(c);
+    for (uint32_t s = 0; s < 3; ++s) {
+      const uint32_t n = 10 + 20 * s;  // the last sequence wraps its ring
+      a.append(s, test::gaussian(size_t(n) * 2 * 128, rng), test::gaussian(size_t(n) * 2 * 128, rng));
+    }
+    b.copy_from(a);
+    const auto& ca = api::unwrap(a.get());
+    const auto& cb = api::unwrap(b.get());
+    for (int w = 0; w < 2; ++w) {
+      const size_t rows = size_t(3) * 2 * 40;
+      EXPECT_EQ(std::memcmp(ca.plane(w).data.get(), cb.plane(w).data.get(), rows * ca.plane(w).stride), 0);
+    }
+    for (uint32_t s = 0; s < 3; ++s) {
+      EXPECT_EQ(a.length(s), b.length(s));
+      const float* ma = ca.k_center(s);
+      const float* mb = cb.k_center(s);
+      ASSERT_EQ(ma == nullptr, mb == nullptr);
+      if (ma) {
+        EXPECT_EQ(std::memcmp(ma, mb, 2 * 128 * sizeof(float)), 0);
+      }
+    }
+    CacheConfig other = c;
+    other.capacity = 41;
+    Cache d(other);
+    expect_status(TQKV_ERROR_INVALID_ARGUMENT, "dst", [&] { d.copy_from(a); });
+  }
+  // CPU caches have no stream and need no device workspace.
+  Cache cpu(config(64, 1, 4));
+  AttnParams p(2, 0.1f);
+  EXPECT_EQ(cpu.workspace_size(p), 0u);
+  EXPECT_NO_THROW(cpu.set_stream(nullptr));
+  int dummy = 0;
+  expect_status(TQKV_ERROR_INVALID_ARGUMENT, "stream", [&] { cpu.set_stream(&dummy); });
 }

@@ -79,6 +79,16 @@ class Cache {
     return n;
   }
   void reset(uint32_t seq) { check(tqkv_cache_reset(ptr_.get(), seq)); }
+  // CUDA caches: the cudaStream_t their work runs on (nullptr: the default stream).
+  void set_stream(void* stream) { check(tqkv_cache_set_stream(ptr_.get(), stream)); }
+  // Device workspace bytes tqkv_attend needs with these params (0 for CPU caches).
+  size_t workspace_size(const tqkv_attn_params& p) const {
+    size_t n = 0;
+    check(tqkv_attend_workspace_size(ptr_.get(), &p, &n));
+    return n;
+  }
+  // Copies every stored byte, length and key mean of src (same configuration but the backend).
+  void copy_from(const Cache& src) { check(tqkv_cache_copy(src.ptr_.get(), ptr_.get())); }
   tqkv_memory_info memory() const {
     tqkv_memory_info m;
     check(tqkv_cache_memory(ptr_.get(), &m));
