@@ -49,29 +49,7 @@ struct Case {
   }
 };
 
-struct Result {
-  double max_err = 0, max_lse_err = 0;
-};
-
-// Relative error per (sequence, head) row, worst row: one wrong element anywhere shows up.
-Result compare(const std::vector<float>& out, const std::vector<float>& ref, const std::vector<float>& lse,
-               const std::vector<float>& lse_ref, uint32_t d) {
-  Result r;
-  for (size_t row = 0; row < ref.size() / d; ++row) {
-    double e = 0, n = 0;
-    for (uint32_t i = 0; i < d; ++i) {
-      const double a = out[row * d + i], b = ref[row * d + i];
-      e += (a - b) * (a - b);
-      n += b * b;
-      if (!std::isfinite(a)) e = std::numeric_limits<double>::infinity();
-    }
-    r.max_err = std::max(r.max_err, n > 0 ? std::sqrt(e / n) : std::sqrt(e));
-    const double la = lse[row], lb = lse_ref[row];
-    if (std::isinf(lb)) r.max_lse_err = std::max(r.max_lse_err, la == lb ? 0.0 : 1.0);
-    else r.max_lse_err = std::max(r.max_lse_err, std::fabs(la - lb) / std::max(1.0, std::fabs(lb)));
-  }
-  return r;
-}
+using Result = test::RowErr;
 
 void run(const Case& c) {
   SCOPED_TRACE(c.str());
@@ -148,12 +126,12 @@ void run(const Case& c) {
   EXPECT_EQ(after.compressed_rows_read - before.compressed_rows_read, uint64_t(visible_rows) * tq_planes);
 
   const double tol = maxlen > 4096 ? 1e-4 : 2e-5;
-  const Result fused = compare(out, ref, lse, lse_ref, c.d);
-  const Result generic = compare(gen, ref, lse_gen, lse_ref, c.d);
-  EXPECT_LE(fused.max_err, tol);
-  EXPECT_LE(fused.max_lse_err, 1e-5);
-  EXPECT_LE(generic.max_err, tol);
-  EXPECT_LE(generic.max_lse_err, 1e-5);
+  const Result fused = test::compare_rows(out, ref, lse, lse_ref, c.d);
+  const Result generic = test::compare_rows(gen, ref, lse_gen, lse_ref, c.d);
+  EXPECT_LE(fused.out, tol);
+  EXPECT_LE(fused.lse, 1e-5);
+  EXPECT_LE(generic.out, tol);
+  EXPECT_LE(generic.lse, 1e-5);
 }
 
 }  // namespace

@@ -78,28 +78,8 @@ struct Case {
   }
 };
 
-struct Err {
-  double out = 0, lse = 0;
-};
-
-Err compare(const std::vector<float>& out, const std::vector<float>& ref, const std::vector<float>& lse,
-            const std::vector<float>& lse_ref, uint32_t d) {
-  Err r;
-  for (size_t row = 0; row < ref.size() / d; ++row) {
-    double e = 0, n = 0;
-    for (uint32_t i = 0; i < d; ++i) {
-      const double a = out[row * d + i], b = ref[row * d + i];
-      e += (a - b) * (a - b);
-      n += b * b;
-      if (!std::isfinite(a)) e = std::numeric_limits<double>::infinity();
-    }
-    r.out = std::max(r.out, n > 0 ? std::sqrt(e / n) : std::sqrt(e));
-    const double la = lse[row], lb = lse_ref[row];
-    if (std::isinf(lb)) r.lse = std::max(r.lse, la == lb ? 0.0 : 1.0);
-    else r.lse = std::max(r.lse, std::isfinite(la) ? std::fabs(la - lb) / std::max(1.0, std::fabs(lb)) : 1.0);
-  }
-  return r;
-}
+using Err = test::RowErr;
+const auto compare = test::compare_rows;
 
 // The reference with the cache's centroids rounded to f16, as the kernel uses them.
 void reference_f16_centroids(const Cache& host, const AttnParams& p, const std::vector<float>& q,

@@ -1,6 +1,8 @@
 // Shared helpers for the test binaries: fresh random inputs, error norms, cache builders.
 #pragma once
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -44,6 +46,30 @@ inline bool all_finite(const std::vector<float>& v) {
 // Fills with a NaN pattern so that any element a kernel forgets to write fails the comparison.
 inline void poison(std::vector<float>& v) {
   for (auto& x : v) x = std::numeric_limits<float>::quiet_NaN();
+}
+
+// Attention outputs against a reference, per (query, head) row: the worst row's relative error
+// (one wrong element anywhere shows up) and the worst log-sum-exp error (relative above 1).
+struct RowErr {
+  double out = 0, lse = 0;
+};
+inline RowErr compare_rows(const std::vector<float>& out, const std::vector<float>& ref, const std::vector<float>& lse,
+                           const std::vector<float>& lse_ref, uint32_t d) {
+  RowErr r;
+  for (size_t row = 0; row < ref.size() / d; ++row) {
+    double e = 0, n = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      const double a = out[row * d + i], b = ref[row * d + i];
+      e += (a - b) * (a - b);
+      n += b * b;
+      if (!std::isfinite(a)) e = std::numeric_limits<double>::infinity();
+    }
+    r.out = std::max(r.out, n > 0 ? std::sqrt(e / n) : std::sqrt(e));
+    const double la = lse[row], lb = lse_ref[row];
+    if (std::isinf(lb)) r.lse = std::max(r.lse, la == lb ? 0.0 : 1.0);
+    else r.lse = std::max(r.lse, std::isfinite(la) ? std::fabs(la - lb) / std::max(1.0, std::fabs(lb)) : 1.0);
+  }
+  return r;
 }
 
 }  // namespace tqkv::test

@@ -10,6 +10,7 @@
 #include "cuda/attention.h"
 #include "cuda/attn_kernel.cuh"
 #include "cuda/check.cuh"
+#include "cuda/warp_fwht.cuh"
 
 namespace tqkv::cuda {
 
@@ -154,22 +155,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
     y[j] = bad ? __int_as_float(0x7FC00000) : sum * inv;
   }
   if (rotated) {  // x = s .* (H y) / sqrt(D)
-#pragma unroll
-    for (int st = 1; st < V; st <<= 1)
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        if (!(j & st)) {
-          const float a = y[j], b = y[j + st];
-          y[j] = a + b;
-          y[j + st] = a - b;
-        }
-#pragma unroll
-    for (int lst = 1; lst < 32; lst <<= 1)
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float o = __shfl_xor_sync(0xFFFFFFFFu, y[j], lst);
-        y[j] = (lane & lst) ? o - y[j] : y[j] + o;
-      }
+    warp_fwht<V>(y, lane);
     const float norm = rsqrtf(float(D));
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] *= norm * signs[lane * V + j];

@@ -23,6 +23,7 @@
 #include "core/format.h"
 #include "cuda/check.cuh"
 #include "cuda/codec.cuh"
+#include "cuda/warp_fwht.cuh"
 
 namespace tqkv::cuda {
 
@@ -241,9 +242,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   for (int s = 0; s < STAGES - 1; ++s) issue(s);
 
   // ---- prologue: each warp rotates and scales two query heads in registers ----
-  // Lane l holds coordinates l*V .. l*V+V-1 of a head; FWHT strides below V stay in the lane,
-  // larger ones pair lanes by xor. Rotated coordinates (FWHT / sqrt(D)) also carry 1/sqrt(D)
-  // for centroid units: 1/D in all.
+  // Lane l holds coordinates l*V .. l*V+V-1 of a head (warp_fwht.cuh). Rotated coordinates
+  // (FWHT / sqrt(D)) also carry 1/sqrt(D) for centroid units: 1/D in all.
   constexpr int V = D / 32;
   const float post = KC::kRotated ? 1.0f / float(D) : 1.0f;
   for (int h = warp; h < kHeadsPerBlock; h += kWarps) {
@@ -257,24 +257,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
       if (p.centered) dot += x[j] * mu[j];  // bias = scale * q . mu, original domain
       if (KC::kRotated) x[j] *= p.signs[c];
     }
-    if (KC::kRotated) {
-#pragma unroll
-      for (int st = 1; st < V; st <<= 1)
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          if (!(j & st)) {
-            const float u = x[j], w = x[j + st];
-            x[j] = u + w;
-            x[j + st] = u - w;
-          }
-#pragma unroll
-      for (int lst = 1; lst < 32; lst <<= 1)
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float o = __shfl_xor_sync(0xFFFFFFFFu, x[j], lst);
-          x[j] = (lane & lst) ? o - x[j] : x[j] + o;
-        }
-    }
+    if (KC::kRotated) warp_fwht<V>(x, lane);
     float mx = 0.0f;
 #pragma unroll
     for (int j = 0; j < V; ++j) {

@@ -52,14 +52,18 @@ __device__ __forceinline__ uint32_t spread8(uint32_t b) {
 template <int T>
 struct Codec;
 
-// TQ4: byte m = idx[2m] | idx[2m+1] << 4, so one 32-bit word holds 8 consecutive coordinates.
-template <>
-struct Codec<fmt::TQ4> {
+// The 2-, 3- and 4-bit codecs look their codebook up with byte permutes from registers.
+struct PermuteTableCodec {
   static constexpr bool kRotated = true;
   struct Table {
     HalfBytes hb;
   };
   __device__ static void init(Table& t, const HalfBytes& hb, const __half*) { t.hb = hb; }
+};
+
+// TQ4: byte m = idx[2m] | idx[2m+1] << 4, so one 32-bit word holds 8 consecutive coordinates.
+template <>
+struct Codec<fmt::TQ4> : PermuteTableCodec {
   template <class At>
   __device__ static void decode8(const Table& t, At at, int d0, int /*d*/, uint32_t h[4]) {
     const uint32_t x = *reinterpret_cast<const uint32_t*>(at(d0 / 2));
@@ -70,12 +74,7 @@ struct Codec<fmt::TQ4> {
 
 // TQ2: byte m = idx[4m] | idx[4m+1] << 2 | ..., two bytes per 8 coordinates.
 template <>
-struct Codec<fmt::TQ2> {
-  static constexpr bool kRotated = true;
-  struct Table {
-    HalfBytes hb;
-  };
-  __device__ static void init(Table& t, const HalfBytes& hb, const __half*) { t.hb = hb; }
+struct Codec<fmt::TQ2> : PermuteTableCodec {
   template <class At>
   __device__ static void decode8(const Table& t, At at, int d0, int /*d*/, uint32_t h[4]) {
     const uint32_t x = *reinterpret_cast<const uint16_t*>(at(d0 / 4));
@@ -93,12 +92,7 @@ struct Codec<fmt::TQ2> {
 
 // TQ3: three bit planes of d/8 bytes; byte m of plane p holds bit p of indices 8m..8m+7.
 template <>
-struct Codec<fmt::TQ3> {
-  static constexpr bool kRotated = true;
-  struct Table {
-    HalfBytes hb;
-  };
-  __device__ static void init(Table& t, const HalfBytes& hb, const __half*) { t.hb = hb; }
+struct Codec<fmt::TQ3> : PermuteTableCodec {
   template <class At>
   __device__ static void decode8(const Table& t, At at, int d0, int d, uint32_t h[4]) {
     const int m = d0 / 8, plane = d / 8;

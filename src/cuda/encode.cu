@@ -43,6 +43,7 @@
 #include "core/format.h"
 #include "core/half.h"
 #include "cuda/check.cuh"
+#include "cuda/warp_fwht.cuh"
 #include "cuda/device_cache.h"
 
 namespace tqkv::cuda {
@@ -204,24 +205,7 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, int w, uint64_t r
   // strides across lanes (the lower partner computes a + b, the upper a - b).
 #pragma unroll
   for (int j = 0; j < V; ++j) x[j] = __uint_as_float(__float_as_uint(x[j]) ^ ((signs << (31 - j)) & 0x80000000u));
-#pragma unroll
-  for (int h = 1; h < V; h *= 2)
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (!(j & h)) {
-        const float u = x[j], v = x[j + h];
-        x[j] = u + v;
-        x[j + h] = u - v;
-      }
-#pragma unroll
-  for (int m = 1; m < LANES; m *= 2) {
-    const float sgn = (gl & m) ? -1.0f : 1.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float o = __shfl_xor_sync(kFull, x[j], m);
-      x[j] = fmaf(sgn, x[j], o);  // exact sign product: round(o + x) or round(o - x)
-    }
-  }
+  warp_fwht<V, LANES>(x, gl);
   double n2 = 0;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
