@@ -32,8 +32,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,6 +43,8 @@
 #include "cuda/check.cuh"
 #include "cuda/warp_fwht.cuh"
 #include "cuda/device_cache.h"
+#include "cuda/quant_table.h"
+#include "cpu/encode.h"
 
 namespace tqkv::cuda {
 namespace {
@@ -53,7 +53,6 @@ constexpr unsigned kFull = 0xFFFFFFFFu;
 constexpr int kWarps = 8;  // warps per encode block
 constexpr int kThreads = kWarps * 32;
 constexpr uint32_t kMeanChunk = 256;  // tokens summed sequentially per key-mean partial
-constexpr uint32_t kLutMax = 3072;    // bytes of a quantization table in shared memory (TQ8, d = 512: 3029)
 
 // Error keys: atomicMin over (kind << kKindShift | flat input index) per tensor, so that a
 // non-finite input wins over overflows and, within a kind, the first position wins.
@@ -476,49 +475,6 @@ void launch_mean(const void* k, const uint64_t* prefix, const int32_t* def_seq, 
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-// Quantization table of a codebook at head_dim d: for the finest cell width 2^-e (e <= 7) that
-// fits kLutMax, cell k covers u in [(k - 0.5) 2^-e, (k + 0.5) 2^-e] (closed: a tie may round
-// either way) and stores how many boundaries lie below it. It is used only when no cell holds
-// two boundaries, so one comparison with the next boundary gives exactly core::quantize.
-// |u| <= sqrt(d) (u is a coordinate of a vector of norm sqrt(d)), which bounds the cells.
-struct Lut {
-  uint32_t off = 0;
-  float scale = 0;
-  std::vector<uint8_t> cells;
-};
-
-const Lut& lut_for(const core::Codebook& cb, uint32_t d) {
-  static std::mutex mu;
-  static std::map<std::pair<const float*, uint32_t>, Lut> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  Lut& lut = cache[{cb.boundaries, d}];
-  if (!lut.cells.empty()) return lut;
-  const std::vector<double> b(cb.boundaries, cb.boundaries + cb.levels - 1);
-  const double reach = std::sqrt(double(d)) * 1.001 + 1.0;
-  for (int e = 0; e <= 7; ++e) {
-    const double s = std::ldexp(1.0, e);
-    const auto half = static_cast<uint32_t>(std::ceil(reach * s));
-    if (2 * size_t(half) + 1 > kLutMax) break;
-    std::vector<uint8_t> cells(2 * size_t(half) + 1);
-    bool ok = true;
-    for (int64_t k = -int64_t(half); k <= int64_t(half) && ok; ++k) {
-      const double lo_edge = (double(k) - 0.5) / s, hi_edge = (double(k) + 0.5) / s;
-      const auto below = std::lower_bound(b.begin(), b.end(), lo_edge) - b.begin();  // b < lo_edge
-      const auto upto = std::upper_bound(b.begin(), b.end(), hi_edge) - b.begin();   // b <= hi_edge
-      ok = upto - below <= 1;
-      cells[size_t(k + int64_t(half))] = static_cast<uint8_t>(below);
-    }
-    if (!ok) continue;
-    lut.off = half;
-    lut.scale = static_cast<float>(s);
-    lut.cells = std::move(cells);
-    return lut;
-  }
-  // Every shipped codebook has one (at most e = 6); a new one that has none must say so.
-  fail(TQKV_ERROR_INTERNAL, "cuda encode: no quantization table fits the " + std::to_string(cb.bits) +
-                                "-bit codebook at head_dim " + std::to_string(d));
-}
-
 float input_value(const void* base, tqkv_dtype dtype, uint64_t i) {
   // Error path only: one element of the caller's input, wherever it lives.
   const size_t es = dtype == TQKV_DTYPE_F32 ? 4 : 2;
@@ -532,13 +488,9 @@ float input_value(const void* base, tqkv_dtype dtype, uint64_t i) {
   } else {
     std::memcpy(b, src, es);
   }
-  if (dtype == TQKV_DTYPE_F32) {
-    float f;
-    std::memcpy(&f, b, 4);
-    return f;
-  }
-  const uint16_t h = uint16_t(b[0] | (b[1] << 8));
-  return dtype == TQKV_DTYPE_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+  float f = 0;
+  cpu::to_f32(dtype, b, 1, &f);
+  return f;
 }
 
 }  // namespace
