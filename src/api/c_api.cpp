@@ -288,8 +288,12 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   const bool cap = tqkv::cuda::capturing(dev.stream());
   // Host-side validation of everything but the values behind device pointers.
   // Device q_pos values are read by the kernel (an out-of-range one gives NaN outputs there).
+  // Host sinks are checked there; device ones are read where they are.
+  const bool qpos_dev = params->q_pos && tqkv::cuda::on_device(params->q_pos);
+  const bool sinks_dev = params->sinks && tqkv::cuda::on_device(params->sinks);
   tqkv_attn_params host_view = *params;
-  if (params->q_pos && tqkv::cuda::on_device(params->q_pos)) host_view.q_pos = nullptr;
+  if (qpos_dev) host_view.q_pos = nullptr;
+  if (sinks_dev) host_view.sinks = nullptr;
   const auto plan = tqkv::core::plan_attention(c, &host_view, q, out, /*q_on_host=*/false);
   const char* why = nullptr;
   if (!tqkv::cuda::supported(c.config(), plan.group, &why)) tqkv::fail(TQKV_ERROR_UNSUPPORTED, why);
@@ -317,7 +321,7 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   // Host q_pos / sinks travel in the workspace tail; device ones are read where they are.
   uint8_t* tail = static_cast<uint8_t*>(call.workspace) + tqkv::cuda::workspace_tail_offset(dev, c.config(), params->num_q_heads);
   if (params->q_pos) {
-    if (tqkv::cuda::on_device(params->q_pos)) {
+    if (qpos_dev) {
       call.q_pos = params->q_pos;
     } else {
       if (cap) tqkv::invalid("q_pos: host memory cannot be read by a captured graph; pass device memory or NULL");
@@ -327,13 +331,10 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   }
   tail += (size_t(c.num_seqs()) * sizeof(int64_t) + 255) / 256 * 256;
   if (params->sinks) {
-    if (tqkv::cuda::on_device(params->sinks)) {
+    if (sinks_dev) {
       call.sinks = params->sinks;
     } else {
       if (cap) tqkv::invalid("sinks: host memory cannot be read by a captured graph; pass device memory");
-      for (uint32_t h = 0; h < params->num_q_heads; ++h)
-        if (!std::isfinite(params->sinks[h]))
-          tqkv::fail(TQKV_ERROR_NON_FINITE, "sinks[" + std::to_string(h) + "]: not finite");
       tqkv::cuda::copy_to_device(tail, params->sinks, params->num_q_heads * sizeof(float), dev.stream());
       call.sinks = reinterpret_cast<const float*>(tail);
     }

@@ -17,7 +17,7 @@ std::string num(double x) {
   return buf;
 }
 
-AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out, bool host = true) {
+AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
   if (p == nullptr) invalid("params: NULL; must point to a tqkv_attn_params");
   if (q == nullptr) invalid("q: NULL; must point to the queries");
   if (out == nullptr) invalid("out: NULL; must point to room for the outputs");
@@ -37,7 +37,7 @@ AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, 
       invalid("window: " + std::to_string(p->window) + " is larger than the ring capacity " +
               std::to_string(c.capacity()) + "; a ring cache holds only the last capacity positions");
   }
-  if (p->sinks && host)
+  if (p->sinks)
     for (uint32_t h = 0; h < p->num_q_heads; ++h)
       if (!std::isfinite(p->sinks[h]))
         fail(TQKV_ERROR_NON_FINITE, "sinks[" + std::to_string(h) + "]: " + num(p->sinks[h]) + " is not finite");
@@ -77,7 +77,7 @@ void check_finite_q(const float* q, size_t n) {
 }  // namespace
 
 AttnPlan plan_attention(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out, bool q_on_host) {
-  AttnPlan plan = plan_common(c, p, q, out, q_on_host);
+  AttnPlan plan = plan_common(c, p, q, out);
   plan.queries.resize(c.num_seqs());
   for (uint32_t s = 0; s < c.num_seqs(); ++s) {
     const int64_t len = c.length(s);

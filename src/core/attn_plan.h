@@ -33,7 +33,8 @@ struct AttnPlan {
 
 // Decode: one query per sequence. Throws tqkv::Error naming the invalid parameter; checks q for
 // non-finite values.
-// q_on_host = false (CUDA: q in device memory) skips the scan of q's values.
+// q_on_host = false (CUDA: q in device memory) skips the scan of q's values. q_pos and sinks
+// are always read here: a caller with them in device memory passes them as NULL.
 AttnPlan plan_attention(const Cache& cache, const tqkv_attn_params* params, const float* q, const float* out,
                         bool q_on_host = true);
 // Several query tokens of one sequence at positions q_pos[0..n_q) (non-decreasing), as in
