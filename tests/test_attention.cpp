@@ -67,31 +67,9 @@ void run(const Case& c) {
   cfg.seed = rng();
   cfg.k_center = c.center ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
   Cache cache(cfg);
-  const auto offset = test::gaussian(size_t(c.hkv) * c.d, rng, 3.0f);  // keys share a common part
-  for (uint32_t s = 0; s < nseq; ++s) {
-    int64_t left = c.lens[s];
-    while (left > 0) {  // several appends of random sizes
-      const int64_t n = std::min<int64_t>(left, 1 + int64_t(rng() % 700));
-      auto k = test::gaussian(size_t(n) * c.hkv * c.d, rng), v = test::gaussian(size_t(n) * c.hkv * c.d, rng);
-      if (c.center)
-        for (size_t i = 0; i < k.size(); ++i) k[i] += offset[i % offset.size()];
-      cache.append(s, k, v);
-      left -= n;
-    }
-  }
+  test::fill_random(cache, c.lens, c.hkv, c.d, c.center, 700, rng);
   const uint32_t hq = c.hkv * c.g;
-  std::vector<int64_t> qpos(nseq);
-  for (uint32_t s = 0; s < nseq; ++s) {
-    const int64_t len = c.lens[s];
-    const int64_t lo = c.ring && len > cfg.capacity ? len - cfg.capacity : 0;
-    int64_t p = len - 1;
-    if (c.random_qpos && len > 0) {
-      // keep the window inside the ring's resident positions
-      const int64_t min_p = c.ring ? std::min<int64_t>(len - 1, lo + std::max<int64_t>(0, int64_t(c.window) - 1)) : 0;
-      p = min_p + int64_t(rng() % uint64_t(len - min_p));
-    }
-    qpos[s] = std::max<int64_t>(p, 0);
-  }
+  const auto qpos = test::query_positions(c.lens, c.ring, cfg.capacity, c.window, c.random_qpos, rng);
   auto q = test::gaussian(size_t(nseq) * hq * c.d, rng);
   std::vector<float> sinks = test::gaussian(hq, rng, 2.0f);
   AttnParams p(hq, c.logit_scale > 0 ? c.logit_scale : 1.0f / std::sqrt(float(c.d)));
@@ -114,14 +92,8 @@ void run(const Case& c) {
   const core::Cache& core_cache = api::unwrap(cache.get());
   cpu::attend_generic(core_cache, core::plan_attention(core_cache, &p, q.data(), gen.data()), q.data(), gen.data(),
                       lse_gen.data());
-  int64_t visible_rows = 0;
-  for (uint32_t s = 0; s < nseq; ++s) {
-    const int64_t len = c.lens[s], qp = c.random_qpos && !any_empty ? qpos[s] : len - 1;
-    int64_t lo = 0, hi = len;
-    if (c.mask == Mask::causal) hi = qp + 1;
-    if (c.mask == Mask::window) { hi = qp + 1; lo = std::max<int64_t>(0, qp - int64_t(c.window) + 1); }
-    visible_rows += std::max<int64_t>(0, hi - lo) * c.hkv;
-  }
+  const bool qpos_used = c.random_qpos && !any_empty;
+  const int64_t visible_rows = test::visible_rows(c.lens, qpos_used ? &qpos : nullptr, c.mask, c.window, c.hkv);
   const uint64_t tq_planes = (fmt::is_tq(uint32_t(c.kt)) ? 1 : 0) + (fmt::is_tq(uint32_t(c.vt)) ? 1 : 0);
   EXPECT_EQ(after.compressed_rows_read - before.compressed_rows_read, uint64_t(visible_rows) * tq_planes);
 

@@ -109,18 +109,7 @@ Cache build_host(const Case& c, std::mt19937_64& rng, CacheConfig& cfg) {
   cfg.seed = rng();
   cfg.k_center = c.center ? TQKV_CENTER_FIRST_APPEND : TQKV_CENTER_NONE;
   Cache cache(cfg);
-  const auto offset = test::gaussian(size_t(c.hkv) * c.d, rng, 3.0f);
-  for (uint32_t s = 0; s < nseq; ++s) {
-    int64_t left = c.lens[s];
-    while (left > 0) {
-      const int64_t n = std::min<int64_t>(left, 1 + int64_t(rng() % 4000));
-      auto k = test::gaussian(size_t(n) * c.hkv * c.d, rng), v = test::gaussian(size_t(n) * c.hkv * c.d, rng);
-      if (c.center)
-        for (size_t i = 0; i < k.size(); ++i) k[i] += offset[i % offset.size()];
-      cache.append(s, k, v);
-      left -= n;
-    }
-  }
+  test::fill_random(cache, c.lens, c.hkv, c.d, c.center, 4000, rng);
   return cache;
 }
 
@@ -137,17 +126,7 @@ void run(const Case& c) {
   ASSERT_EQ(tqkv_cache_copy(host.get(), dev.get()), TQKV_OK) << tqkv_last_error();
 
   const uint32_t nseq = uint32_t(c.lens.size()), hq = c.hkv * c.g;
-  std::vector<int64_t> qpos(nseq);
-  for (uint32_t s = 0; s < nseq; ++s) {
-    const int64_t len = c.lens[s];
-    const int64_t lo = c.ring && len > cfg.capacity ? len - cfg.capacity : 0;
-    int64_t p = len - 1;
-    if (c.random_qpos && len > 0) {
-      const int64_t min_p = c.ring ? std::min<int64_t>(len - 1, lo + std::max<int64_t>(0, int64_t(c.window) - 1)) : 0;
-      p = min_p + int64_t(rng() % uint64_t(len - min_p));
-    }
-    qpos[s] = std::max<int64_t>(p, 0);
-  }
+  const auto qpos = test::query_positions(c.lens, c.ring, cfg.capacity, c.window, c.random_qpos, rng);
   auto q = test::gaussian(size_t(nseq) * hq * c.d, rng);
   const auto sinks = test::gaussian(hq, rng, 2.0f);
   AttnParams p(hq, 1.0f / std::sqrt(float(c.d)));
@@ -179,16 +158,10 @@ void run(const Case& c) {
   reference_f16_centroids(host, p, q, ref16, lse16);
 
   EXPECT_EQ(after.cuda_attend_calls - before.cuda_attend_calls, 1u);
-  int64_t visible = 0;
-  for (uint32_t s = 0; s < nseq; ++s) {
-    // Device q_pos values are not read on the host, so the counter then counts what the last
-    // position sees (an upper bound, documented in tqkv.h).
-    const int64_t len = c.lens[s], qp = c.random_qpos && !c.device_qpos ? qpos[s] : len - 1;
-    int64_t lo = 0, hi = len;
-    if (c.mask == Mask::causal) hi = qp + 1;
-    if (c.mask == Mask::window) { hi = qp + 1; lo = std::max<int64_t>(0, qp - int64_t(c.window) + 1); }
-    visible += std::max<int64_t>(0, hi - lo) * c.hkv;
-  }
+  // Device q_pos values are not read on the host, so the counter then counts what the last
+  // position sees (an upper bound, documented in tqkv.h).
+  const bool qpos_on_host = c.random_qpos && !c.device_qpos;
+  const int64_t visible = test::visible_rows(c.lens, qpos_on_host ? &qpos : nullptr, c.mask, c.window, c.hkv);
   const uint64_t tq_planes = (fmt::is_tq(uint32_t(c.kt)) ? 1 : 0) + (fmt::is_tq(uint32_t(c.vt)) ? 1 : 0);
   EXPECT_EQ(after.compressed_rows_read - before.compressed_rows_read, uint64_t(visible) * tq_planes);
 

@@ -48,6 +48,60 @@ inline void poison(std::vector<float>& v) {
   for (auto& x : v) x = std::numeric_limits<float>::quiet_NaN();
 }
 
+// Appends lens[s] random tokens to each sequence s, in appends of 1..max_chunk tokens. With
+// center, every key also gets one common offset (real keys share a large common part).
+inline void fill_random(Cache& cache, const std::vector<int64_t>& lens, uint32_t hkv, uint32_t d, bool center,
+                        uint32_t max_chunk, std::mt19937_64& rng) {
+  const auto offset = gaussian(size_t(hkv) * d, rng, 3.0f);
+  for (uint32_t s = 0; s < lens.size(); ++s) {
+    int64_t left = lens[s];
+    while (left > 0) {
+      const int64_t n = std::min<int64_t>(left, 1 + int64_t(rng() % max_chunk));
+      auto k = gaussian(size_t(n) * hkv * d, rng), v = gaussian(size_t(n) * hkv * d, rng);
+      if (center)
+        for (size_t i = 0; i < k.size(); ++i) k[i] += offset[i % offset.size()];
+      cache.append(s, k, v);
+      left -= n;
+    }
+  }
+}
+
+// One query position per sequence: its last position, or with random a random one whose
+// window (window positions back) is still resident when a ring holds only capacity positions.
+inline std::vector<int64_t> query_positions(const std::vector<int64_t>& lens, bool ring, uint32_t capacity,
+                                            uint32_t window, bool random, std::mt19937_64& rng) {
+  std::vector<int64_t> qpos(lens.size());
+  for (size_t s = 0; s < lens.size(); ++s) {
+    const int64_t len = lens[s];
+    const int64_t lo = ring && len > capacity ? len - capacity : 0;
+    int64_t p = len - 1;
+    if (random && len > 0) {
+      const int64_t min_p = ring ? std::min<int64_t>(len - 1, lo + std::max<int64_t>(0, int64_t(window) - 1)) : 0;
+      p = min_p + int64_t(rng() % uint64_t(len - min_p));
+    }
+    qpos[s] = std::max<int64_t>(p, 0);
+  }
+  return qpos;
+}
+
+// Positions the mask shows to each sequence's query (qpos nullptr: the last position), summed
+// over sequences and times hkv: the rows a fused kernel must read per plane.
+inline int64_t visible_rows(const std::vector<int64_t>& lens, const std::vector<int64_t>* qpos, Mask mask,
+                            uint32_t window, uint32_t hkv) {
+  int64_t rows = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    const int64_t len = lens[s], qp = qpos ? (*qpos)[s] : len - 1;
+    int64_t lo = 0, hi = len;
+    if (mask == Mask::causal) hi = qp + 1;
+    if (mask == Mask::window) {
+      hi = qp + 1;
+      lo = std::max<int64_t>(0, qp - int64_t(window) + 1);
+    }
+    rows += std::max<int64_t>(0, hi - lo) * hkv;
+  }
+  return rows;
+}
+
 // Attention outputs against a reference, per (query, head) row: the worst row's relative error
 // (one wrong element anywhere shows up) and the worst log-sum-exp error (relative above 1).
 struct RowErr {
