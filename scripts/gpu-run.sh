@@ -62,6 +62,14 @@ if [ "${TESTS:-1}" != 0 ]; then
     start=$SECONDS
     run_bin "$t" --gtest_brief=1 >"$logs/$name.log" 2>&1
     report "$name" $? "$logs/$name.log" $((SECONDS - start))
+    # The attention parity test again with each 4-bit kernel forced (the length picks otherwise).
+    if [ "$name" = test_cuda_attention ]; then
+      for kernel in tile lut; do
+        start=$SECONDS
+        TQKV_CUDA_KERNEL=$kernel run_bin "$t" --gtest_brief=1 >"$logs/$name.$kernel.log" 2>&1
+        report "$name ($kernel kernel)" $? "$logs/$name.$kernel.log" $((SECONDS - start))
+      done
+    fi
   done
 fi
 

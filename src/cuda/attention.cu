@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "core/format.h"
 #include "cuda/attention.h"
 #include "cuda/attn_kernel.cuh"
+#include "cuda/attn_lut_kernel.cuh"
 #include "cuda/check.cuh"
 #include "cuda/warp_fwht.cuh"
 
@@ -25,6 +27,13 @@ namespace tqkv::cuda {
   TQKV_DECLARE_ATTN_D(KT, VT, 512)
 #include "cuda/instances/list.inc"
 #undef TQKV_DECLARE_ATTN
+#define TQKV_DECLARE_ATTN_LUT(D)                                                             \
+  extern template void lut::launch<D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  extern template int lut::blocks_per_sm<D>();
+TQKV_DECLARE_ATTN_LUT(64)
+TQKV_DECLARE_ATTN_LUT(128)
+TQKV_DECLARE_ATTN_LUT(256)
+#undef TQKV_DECLARE_ATTN_LUT
 
 namespace {
 
@@ -33,22 +42,26 @@ constexpr bool cuda_type(uint32_t t) { return fmt::is_tq(t) || t == fmt::F16; }
 struct Instance {
   void (*launch)(const AttnKernelParams&, dim3, cudaStream_t) = nullptr;
   int (*blocks_per_sm)() = nullptr;
+  int64_t min_rows_per_split = 0;  // fewer rows per split spread short contexts wider but grow the combine
   explicit operator bool() const { return launch != nullptr; }
 };
+
+// Two tiles of the tile kernel (measured on the H100: docs/cuda-kernel-notes.md).
+constexpr int64_t kMinRowsPerSplit = 128;
 
 template <int KT, int VT>
 Instance pick_dim(uint32_t d) {
   switch (d) {
-    case 64: return {launch_attn<KT, VT, 64>, attn_blocks_per_sm<KT, VT, 64>};
-    case 128: return {launch_attn<KT, VT, 128>, attn_blocks_per_sm<KT, VT, 128>};
-    case 256: return {launch_attn<KT, VT, 256>, attn_blocks_per_sm<KT, VT, 256>};
-    case 512: return {launch_attn<KT, VT, 512>, attn_blocks_per_sm<KT, VT, 512>};
+    case 64: return {launch_attn<KT, VT, 64>, attn_blocks_per_sm<KT, VT, 64>, kMinRowsPerSplit};
+    case 128: return {launch_attn<KT, VT, 128>, attn_blocks_per_sm<KT, VT, 128>, kMinRowsPerSplit};
+    case 256: return {launch_attn<KT, VT, 256>, attn_blocks_per_sm<KT, VT, 256>, kMinRowsPerSplit};
+    case 512: return {launch_attn<KT, VT, 512>, attn_blocks_per_sm<KT, VT, 512>, kMinRowsPerSplit};
     default: return {};
   }
 }
 
-// The one table of compiled K/V pairs.
-Instance pick(uint32_t kt, uint32_t vt, uint32_t d) {
+// The tile kernel: every compiled pair.
+Instance pick_tile(uint32_t kt, uint32_t vt, uint32_t d) {
 #define TQKV_DECLARE_ATTN(KT, VT) \
   if (kt == KT && vt == VT) return pick_dim<KT, VT>(d);
 #include "cuda/instances/list.inc"
@@ -56,26 +69,63 @@ Instance pick(uint32_t kt, uint32_t vt, uint32_t d) {
   return {};
 }
 
-uint32_t head_chunks(uint32_t group) { return (group + kHeadsPerBlock - 1) / kHeadsPerBlock; }
+// The table-lookup kernel: 4-bit K and V up to head_dim 256.
+Instance pick_lut(uint32_t kt, uint32_t vt, uint32_t d) {
+  if (kt != fmt::TQ4 || vt != fmt::TQ4) return {};
+  switch (d) {
+    case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit};
+    case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit};
+    case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit};
+    default: return {};
+  }
+}
 
-// Two tiles: fewer rows per split spread short contexts over more blocks but grow the combine
-// (measured on the H100: docs/cuda-kernel-notes.md).
-constexpr int64_t kMinRowsPerSplit = 128;
+// TQKV_CUDA_KERNEL=tile (or =lut) fixes the choice below: for A/B benchmarks and for the parity
+// test, which checks both kernels on the 4-bit pair.
+int forced_kernel() {  // 0: by length, 1: tile, 2: lut
+  static const int forced = [] {
+    const char* e = std::getenv("TQKV_CUDA_KERNEL");
+    const std::string v = e ? e : "";
+    return v == "tile" ? 1 : v == "lut" ? 2 : 0;
+  }();
+  return forced;
+}
+
+// Visible rows from which the table-lookup kernel is used: below it, its per-block table copy
+// (64 KB) outweighs its faster rows and the tile kernel is faster (H100: S = 4096 takes 11.2 us
+// on the tile kernel, 12.4 on this one; S = 32768, 40.0 against 27.7; docs/cuda-kernel-notes.md).
+constexpr int64_t kLutMinRows = 8192;
+
+// The one selection of the kernel for a call; max_visible bounds every sequence's visible rows.
+Instance pick(uint32_t kt, uint32_t vt, uint32_t d, int64_t max_visible) {
+  const int forced = forced_kernel();
+  if (forced == 2 || (forced == 0 && max_visible >= kLutMinRows))
+    if (Instance lut = pick_lut(kt, vt, d)) return lut;
+  return pick_tile(kt, vt, d);
+}
+
+uint32_t head_chunks(uint32_t group) { return (group + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
 // Splits per (sequence, KV head, head chunk) for long contexts: as many as fill the resident
 // block slots of the device exactly once (one wave, no tail of a second partial wave).
-uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
+uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
   const uint32_t group = std::max(1u, num_q_heads / cfg.num_kv_heads);
   const uint64_t pairs = uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
-  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim);
   const uint64_t per_sm = inst ? uint64_t(inst.blocks_per_sm()) : 1;
   const uint64_t slots = per_sm * uint64_t(std::max(1, dev.sm_count()));
   return uint32_t(std::clamp<uint64_t>(slots / pairs, 1, 1024));
 }
 
 // Workspace bytes before the tail that carries host q_pos and sinks.
+// Splits the workspace is laid out for: the most either kernel can use.
+uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
+  const Instance tile = pick_tile(cfg.k_type, cfg.v_type, cfg.head_dim);
+  const Instance lut = pick_lut(cfg.k_type, cfg.v_type, cfg.head_dim);
+  return std::max(max_splits(dev, cfg, num_q_heads, tile), lut ? max_splits(dev, cfg, num_q_heads, lut) : 0u);
+}
+
 size_t partial_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
-  const size_t ns = max_splits(dev, cfg, num_q_heads);
+  const size_t ns = workspace_splits(dev, cfg, num_q_heads);
   const size_t rows = size_t(cfg.num_seqs) * num_q_heads * ns;
   const size_t b = rows * cfg.head_dim * sizeof(float) + rows * 2 * sizeof(float);
   return (b + 255) / 256 * 256;
@@ -173,7 +223,7 @@ bool supported(const tqkv_cache_config& cfg, uint32_t group, const char** why) {
   static const char* kTypes =
       "k_type/v_type: this pair is not compiled into the CUDA backend; CUDA supports 2, 3, 4, 8 (TurboQuant "
       "bits) and 16 (f16), all TurboQuant pairs and f16/f16 (configure with TQKV_CUDA_ALL_PAIRS=ON for mixed f16 pairs)";
-  if (!cuda_type(cfg.k_type) || !cuda_type(cfg.v_type) || !pick(cfg.k_type, cfg.v_type, cfg.head_dim)) {
+  if (!cuda_type(cfg.k_type) || !cuda_type(cfg.v_type) || !pick_tile(cfg.k_type, cfg.v_type, cfg.head_dim)) {
     *why = kTypes;
     return false;
   }
@@ -185,8 +235,10 @@ bool supported(const tqkv_cache_config& cfg, uint32_t group, const char** why) {
 }
 
 uint32_t num_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible) {
-  const int64_t by_len = std::max<int64_t>(1, (max_visible + kMinRowsPerSplit - 1) / kMinRowsPerSplit);
-  return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads), by_len));
+  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible);
+  const int64_t min_rows = inst ? inst.min_rows_per_split : kMinRowsPerSplit;
+  const int64_t by_len = std::max<int64_t>(1, (max_visible + min_rows - 1) / min_rows);
+  return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), by_len));
 }
 
 size_t workspace_tail_offset(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
@@ -200,7 +252,7 @@ size_t workspace_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uin
 
 void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCall& call, int64_t max_visible) {
   const uint32_t group = call.num_q_heads / cfg.num_kv_heads;
-  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim);
+  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible);
   if (!inst) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
   const uint32_t ns = num_splits(dev, cfg, call.num_q_heads, max_visible);
   auto stream = static_cast<cudaStream_t>(dev.stream());
@@ -220,7 +272,7 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   p.q = call.q;
   p.part_o = static_cast<float*>(call.workspace);
   // The partial sums follow the largest partial-output block any split count can need.
-  const size_t ns_max = max_splits(dev, cfg, call.num_q_heads);
+  const size_t ns_max = workspace_splits(dev, cfg, call.num_q_heads);
   p.part_ml = p.part_o + size_t(cfg.num_seqs) * call.num_q_heads * ns_max * cfg.head_dim;
   p.hkv = cfg.num_kv_heads;
   p.group = group;
@@ -238,6 +290,7 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   p.centered = fmt::is_tq(k.type);
   p.k_tab = k.tab;
   p.v_tab = v.tab;
+  p.pair_tables = static_cast<const uint4*>(dev.pair_tables());
   const dim3 grid(ns, cfg.num_kv_heads * p.head_chunks, cfg.num_seqs);
   inst.launch(p, grid, stream);
   const uint32_t rows = cfg.num_seqs * call.num_q_heads;

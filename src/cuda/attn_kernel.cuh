@@ -51,6 +51,7 @@ struct AttnKernelParams {
   float scale, softcap;
   int k_scale_f16, v_scale_f16, centered;
   HalfBytes k_tab, v_tab;  // f16 centroid tables for 2/3/4-bit types, built on the host
+  const uint4* pair_tables;  // TQ4 K and V: the table-lookup kernel's tables (DeviceCache)
 };
 
 // Shared memory layout of one block, in bytes.

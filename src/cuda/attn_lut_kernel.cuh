@@ -1,0 +1,475 @@
+// Decode attention for 4-bit TurboQuant K and V (head_dim 64/128/256) with no shared-memory
+// staging and no per-tile block barriers: every warp streams its own 16-row chunks from global
+// memory straight into registers, in the byte order the mma fragments want, and keeps its own
+// running max, sum and output; the block merges its warps once at the end.
+//
+// Why (docs/cuda-kernel-notes.md, "LUT kernel"): the tile kernel (attn_kernel.cuh) spent ~950
+// instructions per warp per 16 rows, a third of them on the 4-bit decode with byte permutes
+// (three integer-pipe operations per value, and that pipe is half width). Here a whole byte
+// (two indices) is decoded by one shared-memory load from a 256-entry table of f16 pairs
+// (one copy per bank, so the 32 lanes never conflict), and the rest of the tile machinery
+// (cp.async, swizzles, barriers, scores through shared memory) is gone.
+//
+// Fragment layout (lane = 4r + t):
+//   QK: A = K rows (r, r+8) of the chunk; the lane loads bytes [t*D/8, (t+1)*D/8) of each row,
+//       and k-step s uses bytes 2s, 2s+1: coordinates t*D/4 + 4s + 0..3 (the query is laid out
+//       to match, as in the tile kernel). B = query heads (hi + lo f16 parts).
+//   PV: A = V^T: the lane loads bytes [r*D/16, (r+1)*D/16) of rows 2t, 2t+1, 2t+8, 2t+9; the
+//       nibbles of two rows at one coordinate are merged into one byte, so one table load gives
+//       the (row 2t, row 2t+1) pair the fragment wants. M-tile i, row m = r is coordinate
+//       r*D/8 + 2i, m = r+8 is r*D/8 + 2i + 1. B = the weights, transposed in registers with
+//       movmatrix.
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda/attn_kernel.cuh"
+
+namespace tqkv::cuda {
+namespace lut {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;                       // rows per warp step (the mma's m)
+// The K and V pair tables: entry e for lane l at byte e*256 + 4l (K) and e*256 + 128 + 4l (V),
+// so a single byte permute forms a lookup's whole address (lane offset in the low byte, the
+// stored byte above it) and every lane reads its own bank.
+constexpr int kTableBytes = 256 * 256;
+constexpr int kMinRowsPerSplit = kWarps * kRows;  // every warp gets a chunk
+
+template <int D>
+struct Layout {
+  static constexpr int kSteps = D / 16;                 // QK k-steps = PV m-tiles
+  static constexpr int kHeadStride = D + 8;             // merge buffer, padded against conflicts
+  static constexpr int kMerge = kWarps * kHeadsPerBlock * kHeadStride * 4;
+  static constexpr int kQ = kSteps * 32 * 16;           // uint4 per (k-step, lane)
+  static constexpr int kMisc = (2 + 2 * kWarps) * kHeadsPerBlock * 4;
+  static constexpr int kRegion = kTableBytes > kMerge ? kTableBytes : kMerge;
+  static constexpr int kBytes = kRegion + kQ + kMisc;
+};
+
+template <int D>
+struct Chunk {
+  static constexpr int KW = D / 32;  // 32-bit words of one K row per lane (D/8 bytes)
+  static constexpr int VW = D / 64;  // of one V row per lane (D/16 bytes)
+  uint32_t k[2][KW];                 // rows r, r+8
+  uint32_t v[4][VW];                 // rows 2t, 2t+1, 2t+8, 2t+9
+  float kn[2], vn[2];                // scales of rows r, r+8
+};
+
+template <int N>
+__device__ __forceinline__ void ldg_words(const uint8_t* p, uint32_t* w) {
+  if constexpr (N == 1) {
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
+  } else if constexpr (N == 2) {
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i += 4)
+      asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+          : "=r"(w[i]), "=r"(w[i + 1]), "=r"(w[i + 2]), "=r"(w[i + 3])
+          : "l"(p + 4 * i));
+  }
+}
+
+template <bool F16>
+__device__ __forceinline__ float ldg_scale(const uint8_t* p) {
+  if constexpr (F16) {
+    unsigned short h;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p));
+    return __half2float(__ushort_as_half(h));
+  }
+  float f;
+  asm("ld.global.nc.f32 %0, [%1];" : "=f"(f) : "l"(p));
+  return f;
+}
+
+// The table entry for byte J of w: the permute puts lane_off (the lane's offset, 4l or
+// 128 + 4l) in byte 0 and the stored byte in byte 1, which is the entry's byte offset.
+template <int J>
+__device__ __forceinline__ uint32_t lookup(const uint8_t* tab, uint32_t lane_off, uint32_t w) {
+  return *reinterpret_cast<const uint32_t*>(tab + prmt(w, lane_off, 0x5504u | (J << 4)));
+}
+
+// (a & 0x0F0F0F0F) | (b & 0xF0F0F0F0) in one instruction.
+__device__ __forceinline__ uint32_t select_nibbles(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "r"(0x0F0F0F0Fu));
+  return r;
+}
+
+// MINB: resident blocks per SM asked of the register allocator (2 caps a thread at 128).
+// SF16: the row scales are f16 (else f32); one configuration field sets both planes.
+template <int D, int MINB, bool SF16>
+__global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
+  using Lay = Layout<D>;
+  using Ch = Chunk<D>;
+  constexpr int S = Lay::kSteps;
+  constexpr int KS = D / 2, VS = D / 2;  // row strides of TQ4 rows (D/2 bytes, 16-aligned)
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint8_t* tab = smem;
+  float* merge = reinterpret_cast<float*>(smem);  // reuses the tables after the loop
+  uint32_t* q_hl = reinterpret_cast<uint32_t*>(smem + Lay::kRegion);
+  float* misc = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(q_hl) + Lay::kQ);
+  float* q_unscale = misc;
+  float* bias = misc + kHeadsPerBlock;
+  float* wm = bias + kHeadsPerBlock;       // [warp][head]
+  float* wl = wm + kWarps * kHeadsPerBlock;  // [warp][head]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const uint32_t split = blockIdx.x, hkv_idx = blockIdx.y / p.head_chunks, hchunk = blockIdx.y % p.head_chunks;
+  const uint32_t b = blockIdx.z;
+  const uint32_t h0 = hkv_idx * p.group + hchunk * kHeadsPerBlock;
+  const int nh = min(int(p.group - hchunk * kHeadsPerBlock), kHeadsPerBlock);
+
+  // ---- visible range and this split's slice (the same rules as the tile kernel) ----
+  const int64_t len = p.lengths[b];
+  const int64_t qp = p.q_pos ? p.q_pos[b] : len - 1;
+  int64_t lo = 0, hi = len;
+  if (p.mask == TQKV_MASK_CAUSAL) hi = qp + 1;
+  if (p.mask == TQKV_MASK_WINDOW) {
+    hi = qp + 1;
+    lo = max(int64_t(0), qp - int64_t(p.window) + 1);
+  }
+  const int64_t resident = (p.ring && len > int64_t(p.capacity)) ? len - int64_t(p.capacity) : 0;
+  const bool bad = (p.q_pos && (qp < 0 || qp >= len)) || (hi > lo && lo < resident);
+  if (hi < lo) hi = lo;
+  const int64_t n = hi - lo;
+  const int64_t per = ((n + p.nsplit - 1) / p.nsplit + kRows - 1) / kRows * kRows;
+  const int64_t my_lo = lo + int64_t(split) * per, my_hi = min(hi, my_lo + per);
+  const int64_t row_base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
+  const uint32_t cap = p.capacity;
+
+  const int r = lane >> 2, t = lane & 3;
+  constexpr uint32_t kss = SF16 ? 2 : 4, vss = kss;
+  // This lane's bytes of slot 0 of the sequence's KV head: K row columns [t*D/8, ...), V row
+  // columns [r*D/16, ...); a row at slot x is x strides further.
+  const uint8_t* kl = p.k_data + row_base * KS + t * (D / 8);
+  const uint8_t* vl = p.v_data + row_base * VS + r * (D / 16);
+  const uint8_t* knl = static_cast<const uint8_t*>(p.k_scales) + row_base * kss;
+  const uint8_t* vnl = static_cast<const uint8_t*>(p.v_scales) + row_base * vss;
+  // Positions are counted from my_lo in 32 bits (a split holds far fewer than 2^31 rows).
+  const int n_my = int(max(my_hi - my_lo, int64_t(0)));
+
+  // Loads the chunk at split offset rel (slot s0). Full chunks that do not wrap take fixed
+  // offsets from one pointer per plane; others clamp rows past the slice to its last row
+  // (finite data, weight 0) and wrap each row on its own.
+  auto load = [&](Ch& c, int rel, uint32_t s0) {
+    if (rel + kRows <= n_my && (!p.ring || s0 + kRows <= cap)) {
+      const uint8_t* kp = kl + size_t(s0 + r) * KS;
+      const uint8_t* vp = vl + size_t(s0 + 2 * t) * VS;
+      ldg_words<Ch::KW>(kp, c.k[0]);
+      ldg_words<Ch::KW>(kp + 8 * KS, c.k[1]);
+      ldg_words<Ch::VW>(vp, c.v[0]);
+      ldg_words<Ch::VW>(vp + VS, c.v[1]);
+      ldg_words<Ch::VW>(vp + 8 * VS, c.v[2]);
+      ldg_words<Ch::VW>(vp + 9 * VS, c.v[3]);
+      c.kn[0] = ldg_scale<SF16>(knl + size_t(s0 + r) * kss);
+      c.kn[1] = ldg_scale<SF16>(knl + size_t(s0 + r + 8) * kss);
+      c.vn[0] = ldg_scale<SF16>(vnl + size_t(s0 + r) * vss);
+      c.vn[1] = ldg_scale<SF16>(vnl + size_t(s0 + r + 8) * vss);
+      return;
+    }
+    const int last = n_my - 1 - rel;
+    auto slot = [&](int x) -> uint32_t {
+      uint32_t sx = s0 + uint32_t(min(x, last));
+      if (p.ring)
+        while (sx >= cap) sx -= cap;
+      return sx;
+    };
+    const uint32_t sr0 = slot(r), sr1 = slot(r + 8);
+    ldg_words<Ch::KW>(kl + size_t(sr0) * KS, c.k[0]);
+    ldg_words<Ch::KW>(kl + size_t(sr1) * KS, c.k[1]);
+    const int vx[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ldg_words<Ch::VW>(vl + size_t(slot(vx[i])) * VS, c.v[i]);
+    c.kn[0] = ldg_scale<SF16>(knl + size_t(sr0) * kss);
+    c.kn[1] = ldg_scale<SF16>(knl + size_t(sr1) * kss);
+    c.vn[0] = ldg_scale<SF16>(vnl + size_t(sr0) * vss);
+    c.vn[1] = ldg_scale<SF16>(vnl + size_t(sr1) * vss);
+  };
+
+  // First chunk's loads go out before the prologue.
+  constexpr int step = kWarps * kRows;
+  int rel = warp * kRows;
+  uint32_t s0 = p.ring ? uint32_t((my_lo + rel) % int64_t(cap)) : uint32_t(my_lo + rel);
+  Ch cur, nxt;
+  if (rel < n_my) load(cur, rel, s0);
+
+  // The tables (built once per cache, device_cache.cu) come from L2 after the first blocks.
+  for (int i = tid; i < kTableBytes / 16; i += kThreads) reinterpret_cast<uint4*>(smem)[i] = p.pair_tables[i];
+
+  // ---- prologue: each warp rotates and scales one query head (as in the tile kernel) ----
+  constexpr int V = D / 32;
+  const float post = 1.0f / float(D);
+  for (int h = warp; h < kHeadsPerBlock; h += kWarps) {
+    float x[V];
+    float dot = 0.0f;
+    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D + lane * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = lane * V + j;
+      x[j] = h < nh ? p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale : 0.0f;
+      if (p.centered) dot += x[j] * mu[j];
+      x[j] *= p.signs[c];
+    }
+    warp_fwht<V>(x, lane);
+    float mx = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      x[j] *= post;
+      mx = fmaxf(mx, fabsf(x[j]));
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+    }
+    int e = 0;
+    frexpf(mx > 0.0f ? mx : 1.0f, &e);
+    const float up = ldexpf(1.0f, 14 - e);
+    if (lane == 0) {
+      q_unscale[h] = 1.0f / up;
+      bias[h] = p.centered ? dot : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const int c = lane * V + j;
+      const int tq = c / (D / 4), sq = (c % (D / 4)) / 4, eq = c % 4;
+      uint32_t hw, lw;
+      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
+      uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;
+      dst[eq / 2] = hw;
+      dst[2 + eq / 2] = lw;
+    }
+  }
+  __syncthreads();
+
+  // The query's hi parts stay in registers where they fit; the lo parts too with 255 registers.
+  constexpr bool kQHi = D <= 128, kQLo = D <= 64 || (D <= 128 && MINB == 1);
+  uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
+  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl);
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const uint4 v = q4[s * 32 + lane];
+    if constexpr (kQHi) qhi[kQHi ? s : 0] = make_uint2(v.x, v.y);
+    if constexpr (kQLo) qlo[kQLo ? s : 0] = make_uint2(v.z, v.w);
+  }
+  const float log2e = 1.4426950408889634f;
+  const float qun0 = q_unscale[2 * t], qun1 = q_unscale[2 * t + 1];
+  const float bias0 = bias[2 * t], bias1 = bias[2 * t + 1];
+  const float vmul = rsqrtf(float(D));
+  const bool capped = p.softcap > 0.0f;
+  const uint32_t ktl = 4u * uint32_t(lane), vtl = 128u + 4u * uint32_t(lane);
+
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  float acc[S][4];
+#pragma unroll
+  for (int i = 0; i < S; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+  auto compute = [&](const Ch& c, int rel) {
+    // ---- QK: two mma chains (query hi / lo parts) ----
+    float cc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) cc[i][0] = cc[i][1] = cc[i][2] = cc[i][3] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int w = s >> 1;
+      uint32_t a[4];
+      if (s & 1) {
+        a[0] = lookup<2>(tab, ktl, c.k[0][w]);
+        a[1] = lookup<2>(tab, ktl, c.k[1][w]);
+        a[2] = lookup<3>(tab, ktl, c.k[0][w]);
+        a[3] = lookup<3>(tab, ktl, c.k[1][w]);
+      } else {
+        a[0] = lookup<0>(tab, ktl, c.k[0][w]);
+        a[1] = lookup<0>(tab, ktl, c.k[1][w]);
+        a[2] = lookup<1>(tab, ktl, c.k[0][w]);
+        a[3] = lookup<1>(tab, ktl, c.k[1][w]);
+      }
+      const uint2 qh = kQHi ? qhi[kQHi ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + lane)[0];
+      const uint2 ql = kQLo ? qlo[kQLo ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + lane)[1];
+      mma16816(cc[0], a, qh.x, qh.y);
+      mma16816(cc[1], a, ql.x, ql.y);
+    }
+    // x: rows r, r+8 x heads 2t, 2t+1 (C fragment order), in log2 units.
+    float x[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float dotv = cc[0][e] + cc[1][e];
+      const float f = (e & 1 ? qun1 : qun0) * c.kn[e >> 1];
+      float v = fmaf(dotv, f, e & 1 ? bias1 : bias0);
+      if (capped) v = p.softcap * tanhf(v / p.softcap);
+      x[e] = v * log2e;
+    }
+    if (rel + kRows > n_my) {
+      if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
+      if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
+    }
+    // ---- online softmax over the chunk (lanes sharing t hold heads 2t, 2t+1) ----
+    float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      cm0 = fmaxf(cm0, __shfl_xor_sync(0xFFFFFFFFu, cm0, o));
+      cm1 = fmaxf(cm1, __shfl_xor_sync(0xFFFFFFFFu, cm1, o));
+    }
+    const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
+    // The output is rescaled only when some head's maximum grew (rare after the first chunks).
+    if (__any_sync(0xFFFFFFFFu, mn0 > m0 || mn1 > m1)) {
+      const float al0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
+      const float al1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
+      l0 *= al0;
+      l1 *= al1;
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        acc[i][0] *= al0;
+        acc[i][1] *= al1;
+        acc[i][2] *= al0;
+        acc[i][3] *= al1;
+      }
+      m0 = mn0;
+      m1 = mn1;
+    }
+    const float mu0 = m0 == -INFINITY ? 0.0f : m0, mu1 = m1 == -INFINITY ? 0.0f : m1;
+    const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
+    l0 += pr[0] + pr[2];
+    l1 += pr[1] + pr[3];
+    // Weights with the V row scale folded in, f16 hi + lo, transposed into B fragments.
+    const float vs0 = c.vn[0] * vmul, vs1 = c.vn[1] * vmul;
+    uint32_t top_hi, top_lo, bot_hi, bot_lo;
+    split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
+    split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
+    const uint32_t b_hi0 = transpose8x8(top_hi), b_hi1 = transpose8x8(bot_hi);
+    const uint32_t b_lo0 = transpose8x8(top_lo), b_lo1 = transpose8x8(bot_lo);
+    // ---- PV: nibbles of rows (2t, 2t+1) and (2t+8, 2t+9) merged per coordinate ----
+#pragma unroll
+    for (int w = 0; w < Ch::VW; ++w) {
+      uint32_t lo_n[2], hi_n[2];
+#pragma unroll
+      for (int pp = 0; pp < 2; ++pp) {
+        const uint32_t w0 = c.v[2 * pp][w], w1 = c.v[2 * pp + 1][w];
+        lo_n[pp] = select_nibbles(w0, w1 << 4);
+        hi_n[pp] = select_nibbles(w0 >> 4, w1);
+      }
+      auto pv = [&](auto jc) {
+        constexpr int j = decltype(jc)::value;
+        const int i = 4 * w + j;
+        const uint32_t a[4] = {lookup<j>(tab, vtl, lo_n[0]), lookup<j>(tab, vtl, hi_n[0]), lookup<j>(tab, vtl, lo_n[1]),
+                               lookup<j>(tab, vtl, hi_n[1])};
+        mma16816(acc[i], a, b_hi0, b_hi1);
+        mma16816(acc[i], a, b_lo0, b_lo1);
+      };
+      pv(std::integral_constant<int, 0>{});
+      pv(std::integral_constant<int, 1>{});
+      pv(std::integral_constant<int, 2>{});
+      pv(std::integral_constant<int, 3>{});
+    }
+  };
+
+  // Two chunks per trip so the loaded registers alternate without copies.
+  auto advance = [&](uint32_t x) {
+    x += uint32_t(step);
+    if (p.ring)
+      while (x >= cap) x -= cap;
+    return x;
+  };
+  while (rel < n_my) {
+    const int rel1 = rel + step;
+    const uint32_t s1 = advance(s0);
+    if (rel1 < n_my) load(nxt, rel1, s1);
+    compute(cur, rel);
+    if (rel1 >= n_my) break;
+    rel = rel1 + step;
+    s0 = advance(s1);
+    if (rel < n_my) load(cur, rel, s0);
+    compute(nxt, rel1);
+  }
+
+  // ---- merge the warps: maxima and sums per head, then the rescaled outputs ----
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, o);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, o);
+  }
+  if (r == 0) {
+    wm[warp * kHeadsPerBlock + 2 * t] = m0;
+    wm[warp * kHeadsPerBlock + 2 * t + 1] = m1;
+    wl[warp * kHeadsPerBlock + 2 * t] = l0;
+    wl[warp * kHeadsPerBlock + 2 * t + 1] = l1;
+  }
+  __syncthreads();  // also: every warp is done with the tables, which the merge buffer reuses
+  float bm0 = -INFINITY, bm1 = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + 2 * t]);
+    bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + 2 * t + 1]);
+  }
+  const float f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
+  const float f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
+  float* mw = merge + warp * kHeadsPerBlock * Lay::kHeadStride;
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    const int coord = r * (D / 8) + 2 * i;
+    *reinterpret_cast<float2*>(mw + (2 * t) * Lay::kHeadStride + coord) = make_float2(acc[i][0] * f0, acc[i][2] * f0);
+    *reinterpret_cast<float2*>(mw + (2 * t + 1) * Lay::kHeadStride + coord) =
+        make_float2(acc[i][1] * f1, acc[i][3] * f1);
+  }
+  __syncthreads();
+  const size_t head_stride = size_t(p.nsplit) * D;
+  float* po = p.part_o + ((size_t(b) * p.num_q_heads + h0) * p.nsplit + split) * D;
+  const float nanv = __int_as_float(0x7FC00000);
+  for (int idx = tid; idx < nh * D; idx += kThreads) {
+    const int head = idx / D, coord = idx % D;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += merge[(w * kHeadsPerBlock + head) * Lay::kHeadStride + coord];
+    po[head * head_stride + coord] = bad ? nanv : sum;
+  }
+  if (tid < nh) {
+    float bm = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) bm = fmaxf(bm, wm[w * kHeadsPerBlock + tid]);
+    const float bmu = bm == -INFINITY ? 0.0f : bm;
+    float l = 0.0f;
+    for (int w = 0; w < kWarps; ++w) l += wl[w * kHeadsPerBlock + tid] * fast_exp2(wm[w * kHeadsPerBlock + tid] - bmu);
+    float* ml = p.part_ml + ((size_t(b) * p.num_q_heads + h0 + tid) * p.nsplit + split) * 2;
+    ml[0] = bad ? nanv : bm;
+    ml[1] = bad ? nanv : l;
+  }
+}
+
+template <int D>
+constexpr int kMinBlocks = D <= 128 ? 2 : 1;
+
+template <int D>
+void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int bytes = Layout<D>::kBytes;
+  auto* kernel = p.k_scale_f16 ? attn_lut_kernel<D, kMinBlocks<D>, true> : attn_lut_kernel<D, kMinBlocks<D>, false>;
+  TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  TQKV_CUDA_LAUNCHED("attn_lut_kernel");
+}
+
+// Resident blocks per SM (the split count fills one wave of them).
+template <int D>
+int blocks_per_sm() {
+  static const int n = [] {
+    constexpr int bytes = Layout<D>::kBytes;
+    auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false>;
+    TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    int k = 0;
+    TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, kernel, kThreads, bytes));
+    return k > 0 ? k : 1;
+  }();
+  return n;
+}
+
+}  // namespace lut
+
+#define TQKV_INSTANTIATE_ATTN_LUT(D)                                                          \
+  template void lut::launch<D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  template int lut::blocks_per_sm<D>();
+
+}  // namespace tqkv::cuda
