@@ -145,6 +145,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   __shared__ float part[kCombineWarps][D];
   __shared__ float red[2][kCombineWarps];
   __shared__ int red_bad[kCombineWarps];
+  grid_dependency_wait();
   const uint32_t row = blockIdx.x, h = row % num_q_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const float* ml = part_ml + size_t(row) * nsplit * 2;
@@ -290,7 +291,6 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   p.centered = fmt::is_tq(k.type);
   p.k_tab = k.tab;
   p.v_tab = v.tab;
-  p.pair_tables = static_cast<const uint4*>(dev.pair_tables());
   const dim3 grid(ns, cfg.num_kv_heads * p.head_chunks, cfg.num_seqs);
   inst.launch(p, grid, stream);
   const uint32_t rows = cfg.num_seqs * call.num_q_heads;
@@ -299,8 +299,22 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
                   : cfg.head_dim == 128 ? combine_kernel<128>
                   : cfg.head_dim == 256 ? combine_kernel<256>
                                         : combine_kernel<512>;
-  combine<<<rows, kCombineWarps * 32, 0, stream>>>(p.part_o, p.part_ml, call.sinks, dev.signs(), call.out, call.lse,
-                                                    call.num_q_heads, ns, rot);
+  // Programmatic dependent launch (sm_90): the combine's blocks are scheduled while the last
+  // attention blocks finish and wait in griddepcontrol.wait, which hides its launch latency.
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(rows);
+  lc.blockDim = dim3(kCombineWarps * 32);
+  lc.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (dev.cc_major() >= 9) {
+    lc.attrs = &attr;
+    lc.numAttrs = 1;
+  }
+  TQKV_CUDA_CHECK(cudaLaunchKernelEx(&lc, combine, static_cast<const float*>(p.part_o),
+                                     static_cast<const float*>(p.part_ml), call.sinks, dev.signs(), call.out, call.lse,
+                                     call.num_q_heads, ns, rot));
   TQKV_CUDA_LAUNCHED("combine_kernel");
 }
 

@@ -51,7 +51,6 @@ struct AttnKernelParams {
   float scale, softcap;
   int k_scale_f16, v_scale_f16, centered;
   HalfBytes k_tab, v_tab;  // f16 centroid tables for 2/3/4-bit types, built on the host
-  const uint4* pair_tables;  // TQ4 K and V: the table-lookup kernel's tables (DeviceCache)
 };
 
 // Shared memory layout of one block, in bytes.
@@ -98,6 +97,19 @@ __device__ __forceinline__ int swz(int row, int byte) {
   else if constexpr (cpr % 4 == 0) x = (row >> 1) & 3;
   else if constexpr (cpr % 2 == 0) x = (row >> 2) & 1;
   return row * STRIDE + (((byte >> 4) ^ x) << 4) + (byte & 15);
+}
+
+// Programmatic dependent launch (sm_90; no-ops before): the attention kernels let the combine
+// launch once their main loops are done, and the combine waits for their results.
+__device__ __forceinline__ void grid_dependency_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 // Not volatile: the compiler may interleave independent mma chains with other work.
@@ -515,6 +527,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     }
   }
   cp_async_wait<0>();
+  grid_dependency_trigger();
 
   // ---- epilogue: partial output (rotated domain), max and sum ----
   // acc[u][j][0/1]: coordinate c0' + 8u + 2(2j) + (r & 1), heads 2t, 2t+1, where c0' is the

@@ -200,8 +200,21 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   Ch cur, nxt;
   if (rel < n_my) load(cur, rel, s0);
 
-  // The tables (built once per cache, device_cache.cu) come from L2 after the first blocks.
-  for (int i = tid; i < kTableBytes / 16; i += kThreads) reinterpret_cast<uint4*>(smem)[i] = p.pair_tables[i];
+  // The tables: thread e makes entry e of both and writes its 16 replicas (rotated by e so the
+  // stores of a warp spread over the banks). Built here, not copied: 64 KB per block from L2
+  // took longer.
+  static_assert(kThreads == 256, "one thread per table entry");
+  {
+    uint32_t kpair, vpair, unused;
+    lookup4_16(p.k_tab, uint32_t(tid), kpair, unused);
+    lookup4_16(p.v_tab, uint32_t(tid), vpair, unused);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int part = (j + tid) & 15;  // uint4 `part` of the entry's 256 bytes: K below 8, V from 8
+      const uint32_t v = part < 8 ? kpair : vpair;
+      reinterpret_cast<uint4*>(smem)[tid * 16 + part] = make_uint4(v, v, v, v);
+    }
+  }
 
   // ---- prologue: each warp rotates and scales one query head (as in the tile kernel) ----
   constexpr int V = D / 32;
@@ -388,6 +401,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     compute(nxt, rel1);
   }
 
+  grid_dependency_trigger();
   // ---- merge the warps: maxima and sums per head, then the rescaled outputs ----
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {

@@ -42,23 +42,6 @@ void copy_to_device(void* dst, const void* src, size_t bytes, void* stream) {
 
 namespace {
 
-uint32_t half_bits(const HalfBytes& t, uint32_t i) {
-  const uint32_t sh = (i & 3) * 8;
-  return ((t.lo[i >> 2] >> sh) & 0xFF) | (((t.hi[i >> 2] >> sh) & 0xFF) << 8);
-}
-
-// The layout attn_lut_kernel.cuh reads: entry e (a stored byte: two 4-bit indices) is the half2
-// (c[e & 15], c[e >> 4]); K's copy for lane l at word e*64 + l, V's at e*64 + 32 + l.
-std::vector<uint32_t> lut_pair_tables(const HalfBytes& k, const HalfBytes& v) {
-  std::vector<uint32_t> t(256 * 64);
-  for (uint32_t e = 0; e < 256; ++e)
-    for (uint32_t l = 0; l < 32; ++l) {
-      t[e * 64 + l] = half_bits(k, e & 15) | (half_bits(k, e >> 4) << 16);
-      t[e * 64 + 32 + l] = half_bits(v, e & 15) | (half_bits(v, e >> 4) << 16);
-    }
-  return t;
-}
-
 template <typename T>
 T* dev_alloc(size_t n, const char* what) {
   void* p = nullptr;
@@ -117,6 +100,7 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
   }
   TQKV_CUDA_CHECK(cudaGetDevice(&device_));
   TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
+  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major_, cudaDevAttrComputeCapabilityMajor, device_));
   d_ = c.head_dim;
   hkv_ = c.num_kv_heads;
   seqs_ = c.num_seqs;
@@ -131,11 +115,6 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
     centers_ = dev_alloc<float>(size_t(seqs_) * hkv_ * d_, "key means");
     flag_dev_ = dev_alloc<int>(4, "append status");
     TQKV_CUDA_CHECK(cudaMallocHost(&flag_host_, 4 * sizeof(int)));
-    if (k_.type == fmt::TQ4 && v_.type == fmt::TQ4) {
-      const std::vector<uint32_t> t = lut_pair_tables(k_.tab, v_.tab);
-      pair_tables_ = dev_alloc<uint32_t>(t.size(), "attention tables");
-      TQKV_CUDA_CHECK(cudaMemcpy(pair_tables_, t.data(), t.size() * sizeof(uint32_t), cudaMemcpyHostToDevice));
-    }
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -152,8 +131,6 @@ DeviceCache::~DeviceCache() {
   cudaFree(flag_dev_);
   cudaFreeHost(flag_host_);
   cudaFree(ws_);
-  cudaFree(pair_tables_);
-  pair_tables_ = nullptr;
   k_ = v_ = DevPlane{};
   signs_ = centers_ = nullptr;
   lengths_ = nullptr;

@@ -45,14 +45,12 @@ class DeviceCache {
   void* stream() const { return stream_; }
   int device() const { return device_; }
   int sm_count() const { return sm_count_; }
+  int cc_major() const { return cc_major_; }
 
   const DevPlane& plane(int which) const { return which == 0 ? k_ : v_; }
   const float* signs() const { return signs_; }       // [head_dim]
   const int64_t* lengths() const { return lengths_; } // [num_seqs], equal to the host lengths
   const float* centers() const { return centers_; }   // [num_seqs][kv_heads][head_dim]; zero = no key mean
-  // Pair tables of the 4-bit attention kernel (attn_lut_kernel.cuh) when K and V are TQ4, else
-  // null: 64 KB that every block copies to shared memory.
-  const void* pair_tables() const { return pair_tables_; }
 
   // Appends counts[s] tokens to every sequence s (the layout of tqkv_cache_append_batch). k and v
   // may be device or host memory. Checks every value before anything is written (a finite
@@ -73,12 +71,11 @@ class DeviceCache {
 
  private:
   void* stream_ = nullptr;
-  int device_ = 0, sm_count_ = 0;
+  int device_ = 0, sm_count_ = 0, cc_major_ = 0;
   DevPlane k_, v_;
   float* signs_ = nullptr;
   int64_t* lengths_ = nullptr;
   float* centers_ = nullptr;
-  void* pair_tables_ = nullptr;
   void* staging_ = nullptr;  // host input copied here before encoding
   size_t staging_bytes_ = 0;
   int* flag_dev_ = nullptr;  // non-finite input found
