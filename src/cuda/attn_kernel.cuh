@@ -155,6 +155,87 @@ __device__ __forceinline__ float load_scale_word(const float* words, int row, in
   return __half2float(__ushort_as_half(h));
 }
 
+// The visible positions of sequence b and split `split`'s slice of them: positions
+// [lo, hi) of the sequence; each split takes `align`-row multiples.
+struct Slice {
+  int64_t lo, hi;
+  bool bad;  // a position the mask needs is not stored: the output is poisoned (NaN)
+};
+__device__ __forceinline__ Slice split_slice(const AttnKernelParams& p, uint32_t b, uint32_t split, int align) {
+  const int64_t len = p.lengths[b];
+  const int64_t qp = p.q_pos ? p.q_pos[b] : len - 1;
+  int64_t lo = 0, hi = len;
+  if (p.mask == TQKV_MASK_CAUSAL) hi = qp + 1;
+  if (p.mask == TQKV_MASK_WINDOW) {
+    hi = qp + 1;
+    lo = max(int64_t(0), qp - int64_t(p.window) + 1);
+  }
+  const int64_t resident = (p.ring && len > int64_t(p.capacity)) ? len - int64_t(p.capacity) : 0;
+  // A position that is not stored (q_pos out of range, or a ring that wrapped past what the mask
+  // needs after the call was captured) poisons the output instead of being silently dropped.
+  const bool bad = (p.q_pos && (qp < 0 || qp >= len)) || (hi > lo && lo < resident);
+  if (hi < lo) hi = lo;
+  const int64_t n = hi - lo;
+  const int64_t per = ((n + p.nsplit - 1) / p.nsplit + align - 1) / align * align;
+  const int64_t my_lo = lo + int64_t(split) * per;
+  return {my_lo, min(hi, my_lo + per), bad};
+}
+
+// Prologue shared by the kernels: warps w, w + WARPS, ... rotate and scale query heads of the
+// block in registers (lane l holds coordinates l*D/32 ..), then write them as the QK mma's B
+// fragments: thread (r = head, t) of k-step s reads coordinates t*D/4 + 4s + 0..3, as uint4
+// {hi(0,1), hi(2,3), lo(0,1), lo(2,3)} at index s*32 + head*4 + t (its lane: no conflicts).
+// Rotated coordinates (FWHT / sqrt(D)) also carry 1/sqrt(D) for centroid units: 1/D in all.
+// q_unscale[h] undoes the power-of-two scaling, bias[h] = scale * q . mu (key centering).
+template <int D, int WARPS, bool ROTATED>
+__device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint32_t b, uint32_t hkv_idx, uint32_t h0,
+                                                int nh, int warp, int lane, uint32_t* q_hl, float* q_unscale,
+                                                float* bias) {
+  constexpr int V = D / 32;
+  const float post = ROTATED ? 1.0f / float(D) : 1.0f;
+  for (int h = warp; h < kHeadsPerBlock; h += WARPS) {
+    float x[V];
+    float dot = 0.0f;
+    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D + lane * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = lane * V + j;
+      x[j] = h < nh ? p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale : 0.0f;
+      if (p.centered) dot += x[j] * mu[j];  // bias = scale * q . mu, original domain
+      if (ROTATED) x[j] *= p.signs[c];
+    }
+    if (ROTATED) warp_fwht<V>(x, lane);
+    float mx = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      x[j] *= post;
+      mx = fmaxf(mx, fabsf(x[j]));
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+    }
+    // Power-of-two scaling keeps the f16 parts normal: max |q| lands in [2^13, 2^14).
+    int e = 0;
+    frexpf(mx > 0.0f ? mx : 1.0f, &e);
+    const float up = ldexpf(1.0f, 14 - e);
+    if (lane == 0) {
+      q_unscale[h] = 1.0f / up;
+      bias[h] = p.centered ? dot : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const int c = lane * V + j;  // even: a pair (c, c+1) lands in one 32-bit word
+      const int tq = c / (D / 4), sq = (c % (D / 4)) / 4, eq = c % 4;
+      uint32_t hw, lw;
+      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
+      uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;  // lane (head, t) of k-step sq
+      dst[eq / 2] = hw;
+      dst[2 + eq / 2] = lw;
+    }
+  }
+}
+
 template <int KT, int VT, int D, int TK, int STAGES>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelParams p) {
   using KC = Codec<KT>;
@@ -177,23 +258,10 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   const uint32_t h0 = hkv_idx * p.group + chunk * kHeadsPerBlock;  // first query head of the block
   const int nh = min(int(p.group - chunk * kHeadsPerBlock), kHeadsPerBlock);
 
-  // ---- visible range of this sequence, then this split's slice of it ----
-  const int64_t len = p.lengths[b];
-  const int64_t qp = p.q_pos ? p.q_pos[b] : len - 1;
-  int64_t lo = 0, hi = len;
-  if (p.mask == TQKV_MASK_CAUSAL) hi = qp + 1;
-  if (p.mask == TQKV_MASK_WINDOW) {
-    hi = qp + 1;
-    lo = max(int64_t(0), qp - int64_t(p.window) + 1);
-  }
-  const int64_t resident = (p.ring && len > int64_t(p.capacity)) ? len - int64_t(p.capacity) : 0;
-  // A position that is not stored (q_pos out of range, or a ring that wrapped past what the mask
-  // needs after the call was captured) poisons the output instead of being silently dropped.
-  const bool bad = (p.q_pos && (qp < 0 || qp >= len)) || (hi > lo && lo < resident);
-  if (hi < lo) hi = lo;
-  const int64_t n = hi - lo;
-  const int64_t per = ((n + p.nsplit - 1) / p.nsplit + TK - 1) / TK * TK;
-  const int64_t my_lo = lo + int64_t(split) * per, my_hi = min(hi, my_lo + per);
+  // ---- this split's slice of the visible positions ----
+  const Slice sl = split_slice(p, b, split, TK);
+  const int64_t my_lo = sl.lo, my_hi = sl.hi;
+  const bool bad = sl.bad;
   const int64_t row_base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
 
   // ---- the first tiles' copies go out before the prologue, so memory is busy at once ----
@@ -255,53 +323,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
   for (int s = 0; s < STAGES - 1; ++s) issue(s);
 
   // ---- prologue: each warp rotates and scales two query heads in registers ----
-  // Lane l holds coordinates l*V .. l*V+V-1 of a head (warp_fwht.cuh). Rotated coordinates
-  // (FWHT / sqrt(D)) also carry 1/sqrt(D) for centroid units: 1/D in all.
-  constexpr int V = D / 32;
-  const float post = KC::kRotated ? 1.0f / float(D) : 1.0f;
-  for (int h = warp; h < kHeadsPerBlock; h += kWarps) {
-    float x[V];
-    float dot = 0.0f;
-    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D + lane * V;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int c = lane * V + j;
-      x[j] = h < nh ? p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale : 0.0f;
-      if (p.centered) dot += x[j] * mu[j];  // bias = scale * q . mu, original domain
-      if (KC::kRotated) x[j] *= p.signs[c];
-    }
-    if (KC::kRotated) warp_fwht<V>(x, lane);
-    float mx = 0.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      x[j] *= post;
-      mx = fmaxf(mx, fabsf(x[j]));
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
-    }
-    // Power-of-two scaling keeps the f16 parts normal: max |q| lands in [2^13, 2^14).
-    int e = 0;
-    frexpf(mx > 0.0f ? mx : 1.0f, &e);
-    const float up = ldexpf(1.0f, 14 - e);
-    if (lane == 0) {
-      q_unscale[h] = 1.0f / up;
-      bias[h] = p.centered ? dot : 0.0f;
-    }
-    // Fragment order: thread (r = head, t) of k-step s reads coordinates t*D/4 + 4s + 0..3, as
-    // uint4 {hi(0,1), hi(2,3), lo(0,1), lo(2,3)} at index s*32 + head*4 + t (its lane: no conflicts).
-#pragma unroll
-    for (int j = 0; j < V; j += 2) {
-      const int c = lane * V + j;  // even: a pair (c, c+1) lands in one 32-bit word
-      const int tq = c / (D / 4), sq = (c % (D / 4)) / 4, eq = c % 4;
-      uint32_t hw, lw;
-      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
-      uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;  // lane (head, t) of k-step sq
-      dst[eq / 2] = hw;
-      dst[2 + eq / 2] = lw;
-    }
-  }
+  query_fragments<D, kWarps, KC::kRotated>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   if (KT == fmt::TQ8)
     for (int i = tid; i < 256; i += kThreads) lut[i] = __float2half_rn(p.k_centroids[i]);
   if (VT == fmt::TQ8)

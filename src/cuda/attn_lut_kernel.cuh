@@ -23,7 +23,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -126,21 +125,10 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const uint32_t h0 = hkv_idx * p.group + hchunk * kHeadsPerBlock;
   const int nh = min(int(p.group - hchunk * kHeadsPerBlock), kHeadsPerBlock);
 
-  // ---- visible range and this split's slice (the same rules as the tile kernel) ----
-  const int64_t len = p.lengths[b];
-  const int64_t qp = p.q_pos ? p.q_pos[b] : len - 1;
-  int64_t lo = 0, hi = len;
-  if (p.mask == TQKV_MASK_CAUSAL) hi = qp + 1;
-  if (p.mask == TQKV_MASK_WINDOW) {
-    hi = qp + 1;
-    lo = max(int64_t(0), qp - int64_t(p.window) + 1);
-  }
-  const int64_t resident = (p.ring && len > int64_t(p.capacity)) ? len - int64_t(p.capacity) : 0;
-  const bool bad = (p.q_pos && (qp < 0 || qp >= len)) || (hi > lo && lo < resident);
-  if (hi < lo) hi = lo;
-  const int64_t n = hi - lo;
-  const int64_t per = ((n + p.nsplit - 1) / p.nsplit + kRows - 1) / kRows * kRows;
-  const int64_t my_lo = lo + int64_t(split) * per, my_hi = min(hi, my_lo + per);
+  // ---- this split's slice of the visible positions (16-row multiples) ----
+  const Slice sl = split_slice(p, b, split, kRows);
+  const int64_t my_lo = sl.lo, my_hi = sl.hi;
+  const bool bad = sl.bad;
   const int64_t row_base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
   const uint32_t cap = p.capacity;
 
@@ -216,49 +204,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
   }
 
-  // ---- prologue: each warp rotates and scales one query head (as in the tile kernel) ----
-  constexpr int V = D / 32;
-  const float post = 1.0f / float(D);
-  for (int h = warp; h < kHeadsPerBlock; h += kWarps) {
-    float x[V];
-    float dot = 0.0f;
-    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D + lane * V;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int c = lane * V + j;
-      x[j] = h < nh ? p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale : 0.0f;
-      if (p.centered) dot += x[j] * mu[j];
-      x[j] *= p.signs[c];
-    }
-    warp_fwht<V>(x, lane);
-    float mx = 0.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      x[j] *= post;
-      mx = fmaxf(mx, fabsf(x[j]));
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
-    }
-    int e = 0;
-    frexpf(mx > 0.0f ? mx : 1.0f, &e);
-    const float up = ldexpf(1.0f, 14 - e);
-    if (lane == 0) {
-      q_unscale[h] = 1.0f / up;
-      bias[h] = p.centered ? dot : 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < V; j += 2) {
-      const int c = lane * V + j;
-      const int tq = c / (D / 4), sq = (c % (D / 4)) / 4, eq = c % 4;
-      uint32_t hw, lw;
-      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
-      uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;
-      dst[eq / 2] = hw;
-      dst[2 + eq / 2] = lw;
-    }
-  }
+  // ---- prologue: each warp rotates and scales one query head ----
+  query_fragments<D, kWarps, true>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   __syncthreads();
 
   // The query's hi parts stay in registers where they fit; the lo parts too with 255 registers.
