@@ -112,6 +112,23 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
+// Sum / max of a and b over the 8 lanes sharing lane & 3: the 16 rows of an mma C fragment
+// for the column pair (2t, 2t+1) that lane holds.
+__device__ __forceinline__ void rows_sum(float& a, float& b) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    a += __shfl_xor_sync(0xFFFFFFFFu, a, o);
+    b += __shfl_xor_sync(0xFFFFFFFFu, b, o);
+  }
+}
+__device__ __forceinline__ void rows_max(float& a, float& b) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
+    b = fmaxf(b, __shfl_xor_sync(0xFFFFFFFFu, b, o));
+  }
+}
+
 // Not volatile: the compiler may interleave independent mma chains with other work.
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm(
@@ -426,11 +443,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     // ---- online softmax, each score computed by the warp that owns its row ----
     // Per-warp maxima per head (lanes sharing t hold heads 2t, 2t+1), then the tile's.
     float mx0 = fmaxf(x[0], x[2]), mx1 = fmaxf(x[1], x[3]);
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, o));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, o));
-    }
+    rows_max(mx0, mx1);
     if (r == 0) {
       w_max[warp * kHeadsPerBlock + 2 * t] = mx0;
       w_max[warp * kHeadsPerBlock + 2 * t + 1] = mx1;
@@ -450,11 +463,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
     {
       const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
       float ps0 = pr[0] + pr[2], ps1 = pr[1] + pr[3];
-#pragma unroll
-      for (int o = 4; o < 32; o <<= 1) {
-        ps0 += __shfl_xor_sync(0xFFFFFFFFu, ps0, o);
-        ps1 += __shfl_xor_sync(0xFFFFFFFFu, ps1, o);
-      }
+      rows_sum(ps0, ps1);
       if (r == 0) {
         w_sum[warp * kHeadsPerBlock + 2 * t] = ps0;
         w_sum[warp * kHeadsPerBlock + 2 * t + 1] = ps1;

@@ -271,11 +271,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
     // ---- online softmax over the chunk (lanes sharing t hold heads 2t, 2t+1) ----
     float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      cm0 = fmaxf(cm0, __shfl_xor_sync(0xFFFFFFFFu, cm0, o));
-      cm1 = fmaxf(cm1, __shfl_xor_sync(0xFFFFFFFFu, cm1, o));
-    }
+    rows_max(cm0, cm1);
     const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
     // The output is rescaled only when some head's maximum grew (rare after the first chunks).
     if (__any_sync(0xFFFFFFFFu, mn0 > m0 || mn1 > m1)) {
@@ -350,11 +346,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 
   grid_dependency_trigger();
   // ---- merge the warps: maxima and sums per head, then the rescaled outputs ----
-#pragma unroll
-  for (int o = 4; o < 32; o <<= 1) {
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, o);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, o);
-  }
+  rows_sum(l0, l1);
   if (r == 0) {
     wm[warp * kHeadsPerBlock + 2 * t] = m0;
     wm[warp * kHeadsPerBlock + 2 * t + 1] = m1;
