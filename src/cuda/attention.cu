@@ -238,8 +238,15 @@ bool supported(const tqkv_cache_config& cfg, uint32_t group, const char** why) {
 uint32_t num_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible) {
   const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible);
   const int64_t min_rows = inst ? inst.min_rows_per_split : kMinRowsPerSplit;
-  const int64_t by_len = std::max<int64_t>(1, (max_visible + min_rows - 1) / min_rows);
-  return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), by_len));
+  auto by_len = [&](int64_t rows) { return std::max<int64_t>(1, (max_visible + rows - 1) / rows); };
+  int64_t n = by_len(min_rows);
+  // A short context whose blocks would not reach half the SMs takes half-size splits: at
+  // S = 1024, batch 1, Hkv = 8 on the H100 that is 7.2 instead of 8.1 us; where the blocks
+  // already cover half the SMs (S = 2048, or batch 8) halving was slower (docs/cuda-kernel-notes.md).
+  const uint32_t group = std::max(1u, num_q_heads / cfg.num_kv_heads);
+  const uint64_t pairs = uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
+  if (uint64_t(n) * pairs * 2 <= uint64_t(std::max(1, dev.sm_count()))) n = by_len(std::max<int64_t>(1, min_rows / 2));
+  return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), n));
 }
 
 size_t workspace_tail_offset(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
