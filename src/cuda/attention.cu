@@ -91,9 +91,10 @@ int forced_kernel() {  // 0: by length, 1: tile, 2: lut
   return forced;
 }
 
-// Visible rows from which the table-lookup kernel is used: below it, its per-block table copy
-// (64 KB) outweighs its faster rows and the tile kernel is faster (H100: S = 4096 takes 11.2 us
-// on the tile kernel, 12.4 on this one; S = 32768, 40.0 against 27.7; docs/cuda-kernel-notes.md).
+// Visible rows from which the table-lookup kernel is used: below it, building its 64 KB of
+// tables per block outweighs its faster rows and the tile kernel is faster (H100: S = 4096 takes
+// 11.1 us on the tile kernel, 13.3 on this one; S = 8192, 17.0 against 15.5;
+// docs/cuda-kernel-notes.md).
 constexpr int64_t kLutMinRows = 8192;
 
 // The one selection of the kernel for a call; max_visible bounds every sequence's visible rows.
@@ -106,17 +107,21 @@ Instance pick(uint32_t kt, uint32_t vt, uint32_t d, int64_t max_visible) {
 
 uint32_t head_chunks(uint32_t group) { return (group + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
+// Blocks per split: one per (sequence, KV head, chunk of up to 8 query heads).
+uint64_t blocks_per_split(const tqkv_cache_config& cfg, uint32_t num_q_heads) {
+  const uint32_t group = std::max(1u, num_q_heads / cfg.num_kv_heads);
+  return uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
+}
+
 // Splits per (sequence, KV head, head chunk) for long contexts: as many as fill the resident
 // block slots of the device exactly once (one wave, no tail of a second partial wave).
 uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
-  const uint32_t group = std::max(1u, num_q_heads / cfg.num_kv_heads);
-  const uint64_t pairs = uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
+  const uint64_t pairs = blocks_per_split(cfg, num_q_heads);
   const uint64_t per_sm = inst ? uint64_t(inst.blocks_per_sm()) : 1;
   const uint64_t slots = per_sm * uint64_t(std::max(1, dev.sm_count()));
   return uint32_t(std::clamp<uint64_t>(slots / pairs, 1, 1024));
 }
 
-// Workspace bytes before the tail that carries host q_pos and sinks.
 // Splits the workspace is laid out for: the most either kernel can use.
 uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
   const Instance tile = pick_tile(cfg.k_type, cfg.v_type, cfg.head_dim);
@@ -124,6 +129,7 @@ uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, 
   return std::max(max_splits(dev, cfg, num_q_heads, tile), lut ? max_splits(dev, cfg, num_q_heads, lut) : 0u);
 }
 
+// Workspace bytes before the tail that carries host q_pos and sinks.
 size_t partial_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
   const size_t ns = workspace_splits(dev, cfg, num_q_heads);
   const size_t rows = size_t(cfg.num_seqs) * num_q_heads * ns;
@@ -235,18 +241,26 @@ bool supported(const tqkv_cache_config& cfg, uint32_t group, const char** why) {
   return true;
 }
 
-uint32_t num_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible) {
-  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible);
+namespace {
+
+// Splits for a call on the kernel `inst` (the one pick() chose for max_visible).
+uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible,
+                    const Instance& inst) {
   const int64_t min_rows = inst ? inst.min_rows_per_split : kMinRowsPerSplit;
   auto by_len = [&](int64_t rows) { return std::max<int64_t>(1, (max_visible + rows - 1) / rows); };
   int64_t n = by_len(min_rows);
   // A short context whose blocks would not reach half the SMs takes half-size splits: at
   // S = 1024, batch 1, Hkv = 8 on the H100 that is 7.2 instead of 8.1 us; where the blocks
   // already cover half the SMs (S = 2048, or batch 8) halving was slower (docs/cuda-kernel-notes.md).
-  const uint32_t group = std::max(1u, num_q_heads / cfg.num_kv_heads);
-  const uint64_t pairs = uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
+  const uint64_t pairs = blocks_per_split(cfg, num_q_heads);
   if (uint64_t(n) * pairs * 2 <= uint64_t(std::max(1, dev.sm_count()))) n = by_len(std::max<int64_t>(1, min_rows / 2));
   return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), n));
+}
+
+}  // namespace
+
+uint32_t num_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible) {
+  return splits_for(dev, cfg, num_q_heads, max_visible, pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible));
 }
 
 size_t workspace_tail_offset(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
@@ -262,7 +276,7 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   const uint32_t group = call.num_q_heads / cfg.num_kv_heads;
   const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible);
   if (!inst) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
-  const uint32_t ns = num_splits(dev, cfg, call.num_q_heads, max_visible);
+  const uint32_t ns = splits_for(dev, cfg, call.num_q_heads, max_visible, inst);
   auto stream = static_cast<cudaStream_t>(dev.stream());
   AttnKernelParams p{};
   const DevPlane& k = dev.plane(0);

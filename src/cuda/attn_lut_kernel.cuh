@@ -3,7 +3,7 @@
 // memory straight into registers, in the byte order the mma fragments want, and keeps its own
 // running max, sum and output; the block merges its warps once at the end.
 //
-// Why (docs/cuda-kernel-notes.md, "LUT kernel"): the tile kernel (attn_kernel.cuh) spent ~950
+// Why (docs/cuda-kernel-notes.md, "The table-lookup kernel"): the tile kernel (attn_kernel.cuh) spent ~950
 // instructions per warp per 16 rows, a third of them on the 4-bit decode with byte permutes
 // (three integer-pipe operations per value, and that pipe is half width). Here a whole byte
 // (two indices) is decoded by one shared-memory load from a 256-entry table of f16 pairs
@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if (rel < n_my) load(cur, rel, s0);
 
   // The tables: thread e makes entry e of both and writes its 16 replicas (rotated by e so the
-  // stores of a warp spread over the banks). Built here, not copied: 64 KB per block from L2
-  // took longer.
+  // stores of a warp spread over the banks). Built here: copying 64 KB per block from L2 was no
+  // faster (docs/cuda-kernel-notes.md, step 17).
   static_assert(kThreads == 256, "one thread per table entry");
   {
     uint32_t kpair, vpair, unused;
@@ -208,8 +208,9 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   query_fragments<D, kWarps, true>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   __syncthreads();
 
-  // The query's hi parts stay in registers where they fit; the lo parts too with 255 registers.
-  constexpr bool kQHi = D <= 128, kQLo = D <= 64 || (D <= 128 && MINB == 1);
+  // The query's hi parts stay in registers up to D = 128, the lo parts only at D = 64 (more
+  // would spill at 128 registers); the rest are read from shared memory per k-step.
+  constexpr bool kQHi = D <= 128, kQLo = D <= 64;
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
   const uint4* q4 = reinterpret_cast<const uint4*>(q_hl);
 #pragma unroll
@@ -381,16 +382,20 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     for (int w = 0; w < kWarps; ++w) sum += merge[(w * kHeadsPerBlock + head) * Lay::kHeadStride + coord];
     po[head * head_stride + coord] = bad ? nanv : sum;
   }
-  if (tid < nh) {
-    float bm = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) bm = fmaxf(bm, wm[w * kHeadsPerBlock + tid]);
-    const float bmu = bm == -INFINITY ? 0.0f : bm;
-    float l = 0.0f;
-    for (int w = 0; w < kWarps; ++w) l += wl[w * kHeadsPerBlock + tid] * fast_exp2(wm[w * kHeadsPerBlock + tid] - bmu);
-    float* ml = p.part_ml + ((size_t(b) * p.num_q_heads + h0 + tid) * p.nsplit + split) * 2;
-    ml[0] = bad ? nanv : bm;
-    ml[1] = bad ? nanv : l;
-  }
+  // The block's sums, by the lanes that already hold its maxima for heads 2t, 2t+1.
+  if (warp == 0 && r == 0)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int head = 2 * t + e;
+      if (head >= nh) continue;
+      const float bm = e ? bm1 : bm0, bmu = bm == -INFINITY ? 0.0f : bm;
+      float l = 0.0f;
+      for (int w = 0; w < kWarps; ++w)
+        l += wl[w * kHeadsPerBlock + head] * fast_exp2(wm[w * kHeadsPerBlock + head] - bmu);
+      float* ml = p.part_ml + ((size_t(b) * p.num_q_heads + h0 + head) * p.nsplit + split) * 2;
+      ml[0] = bad ? nanv : bm;
+      ml[1] = bad ? nanv : l;
+    }
 }
 
 template <int D>
