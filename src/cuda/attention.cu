@@ -18,7 +18,7 @@ namespace tqkv::cuda {
 
 // Instances live in cuda/instances/*.cu (scripts/gen_cuda_instances.py).
 #define TQKV_DECLARE_ATTN_D(KT, VT, D)                                                          \
-  extern template void launch_attn<KT, VT, D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  extern template void launch_attn<KT, VT, D>(const AttnKernelParams&, dim3, cudaStream_t, bool); \
   extern template int attn_blocks_per_sm<KT, VT, D>();
 #define TQKV_DECLARE_ATTN(KT, VT)  \
   TQKV_DECLARE_ATTN_D(KT, VT, 64)  \
@@ -28,7 +28,7 @@ namespace tqkv::cuda {
 #include "cuda/instances/list.inc"
 #undef TQKV_DECLARE_ATTN
 #define TQKV_DECLARE_ATTN_LUT(D)                                                             \
-  extern template void lut::launch<D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  extern template void lut::launch<D>(const AttnKernelParams&, dim3, cudaStream_t, bool); \
   extern template int lut::blocks_per_sm<D>();
 TQKV_DECLARE_ATTN_LUT(64)
 TQKV_DECLARE_ATTN_LUT(128)
@@ -40,9 +40,10 @@ namespace {
 constexpr bool cuda_type(uint32_t t) { return fmt::is_tq(t) || t == fmt::F16; }
 
 struct Instance {
-  void (*launch)(const AttnKernelParams&, dim3, cudaStream_t) = nullptr;
+  void (*launch)(const AttnKernelParams&, dim3, cudaStream_t, bool pdl) = nullptr;
   int (*blocks_per_sm)() = nullptr;
   int64_t min_rows_per_split = 0;  // fewer rows per split spread short contexts wider but grow the combine
+  bool pdl = false;                 // launched as a programmatic dependent (sm_90)
   explicit operator bool() const { return launch != nullptr; }
 };
 
@@ -73,9 +74,9 @@ Instance pick_tile(uint32_t kt, uint32_t vt, uint32_t d) {
 Instance pick_lut(uint32_t kt, uint32_t vt, uint32_t d) {
   if (kt != fmt::TQ4 || vt != fmt::TQ4) return {};
   switch (d) {
-    case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit};
-    case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit};
-    case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit};
+    case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit, true};
+    case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit, true};
+    case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit, true};
     default: return {};
   }
 }
@@ -91,16 +92,17 @@ int forced_kernel() {  // 0: by length, 1: tile, 2: lut
   return forced;
 }
 
-// Visible rows from which the table-lookup kernel is used: below it, building its 64 KB of
-// tables per block outweighs its faster rows and the tile kernel is faster (H100: S = 4096 takes
-// 11.1 us on the tile kernel, 13.3 on this one; S = 8192, 17.0 against 15.5;
-// docs/cuda-kernel-notes.md).
+// Visible rows from which the table-lookup kernel is used when a block holds more than 4 query
+// heads: below it, building its 64 KB of tables per block outweighed its faster rows (H100,
+// before the packed variant and its programmatic launch: S = 4096 took 11.1 us on the tile
+// kernel, 13.3 on this one). With at most 4 heads (the packed variant) the table-lookup kernel
+// is faster at every length measured, S = 1024 included (docs/cuda-kernel-notes.md, step 24).
 constexpr int64_t kLutMinRows = 8192;
 
 // The one selection of the kernel for a call; max_visible bounds every sequence's visible rows.
-Instance pick(uint32_t kt, uint32_t vt, uint32_t d, int64_t max_visible) {
+Instance pick(uint32_t kt, uint32_t vt, uint32_t d, uint32_t group, int64_t max_visible) {
   const int forced = forced_kernel();
-  if (forced == 2 || (forced == 0 && max_visible >= kLutMinRows))
+  if (forced == 2 || (forced == 0 && (group <= lut::kPackMaxHeads || max_visible >= kLutMinRows)))
     if (Instance lut = pick_lut(kt, vt, d)) return lut;
   return pick_tile(kt, vt, d);
 }
@@ -138,9 +140,11 @@ size_t partial_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uint3
 }
 
 // Merges the splits of one (sequence, query head) and rotates the output back. Four warps:
-// warp w sums splits w, w+4, ... with lane l holding coordinates l*V .. l*V+V-1 (no shared-
-// memory passes), then warp 0 adds the four partial sums, applies the inverse rotation in
-// registers (FWHT strides below V in the lane, larger ones across lanes) and writes.
+// warp w merges splits w, w+4, ... with lane l holding coordinates l*V .. l*V+V-1. A warp loads
+// a whole batch of splits (maxima, sums and outputs together) before using any of it and keeps
+// an online maximum, so a call with up to 4 * kCombineBatch splits per head waits for memory
+// once. Warp 0 then merges the four warps, applies the inverse rotation in registers (FWHT
+// strides below V in the lane, larger ones across lanes) and writes.
 constexpr int kCombineWarps = 4;
 
 template <int D>
@@ -148,68 +152,92 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
     combine_kernel(const float* part_o, const float* part_ml, const float* sinks, const float* signs, float* out,
                    float* lse, uint32_t num_q_heads, uint32_t nsplit, int rotated) {
   constexpr int V = D / 32;
+  constexpr int kBatch = 64 / V;  // splits per warp in flight: 64 output registers
   __shared__ float part[kCombineWarps][D];
   __shared__ float red[2][kCombineWarps];
   __shared__ int red_bad[kCombineWarps];
   grid_dependency_wait();
+  grid_dependency_trigger();  // the next call's attention blocks may be scheduled now
   const uint32_t row = blockIdx.x, h = row % num_q_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const float* ml = part_ml + size_t(row) * nsplit * 2;
-  const float* po = part_o + size_t(row) * nsplit * D;
-  const float log2e = 1.4426950408889634f;
-  float m = -INFINITY;
-  int bad = 0;  // a poisoned split (NaN) poisons the result
-  for (uint32_t s = threadIdx.x; s < nsplit; s += kCombineWarps * 32) {
-    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
-    bad |= isnan(v.x) || isnan(v.y);
-    m = fmaxf(m, v.x);
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
-    bad |= __shfl_xor_sync(0xFFFFFFFFu, bad, o);
-  }
-  if (lane == 0) {
-    red[0][warp] = m;
-    red_bad[warp] = bad;
-  }
-  __syncthreads();
-  m = sinks ? sinks[h] * log2e : -INFINITY;
-  bad = 0;
-  for (int i = 0; i < kCombineWarps; ++i) {
-    m = fmaxf(m, red[0][i]);
-    bad |= red_bad[i];
-  }
-  const float mu = m == -INFINITY ? 0.0f : m;
-  float acc[V];
+  const float* po = part_o + size_t(row) * nsplit * D + lane * V;
+  float m = -INFINITY, l = 0.0f, acc[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = 0.0f;
-  float l = 0.0f;
-#pragma unroll 4
-  for (uint32_t s = warp; s < nsplit; s += kCombineWarps) {
-    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
-    const float w = exp2f(v.x - mu);
-    l += v.y * w;
+  bool bad = false;  // a poisoned split (NaN) poisons the result
+  for (uint32_t s0 = warp; s0 < nsplit; s0 += kCombineWarps * kBatch) {
+    float2 v[kBatch];
+    float o[kBatch][V];
 #pragma unroll
-    for (int j = 0; j < V; j += 2) {
-      const float2 o = *reinterpret_cast<const float2*>(po + size_t(s) * D + lane * V + j);
-      acc[j] += o.x * w;
-      acc[j + 1] += o.y * w;
+    for (int i = 0; i < kBatch; ++i) {
+      const uint32_t s = s0 + i * kCombineWarps;
+      v[i] = make_float2(-INFINITY, 0.0f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) o[i][j] = 0.0f;
+      if (s < nsplit) {
+        v[i] = *reinterpret_cast<const float2*>(ml + 2 * s);
+#pragma unroll
+        for (int j = 0; j < V; j += 2) {
+          const float2 x = *reinterpret_cast<const float2*>(po + size_t(s) * D + j);
+          o[i][j] = x.x;
+          o[i][j + 1] = x.y;
+        }
+      }
     }
+    float bm = m;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      bad |= isnan(v[i].x) || isnan(v[i].y);
+      bm = fmaxf(bm, v[i].x);
+    }
+    const float bmu = bm == -INFINITY ? 0.0f : bm;
+    const float a = exp2f(m - bmu);
+    l *= a;
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] *= a;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const float w = exp2f(v[i].x - bmu);
+      l += v[i].y * w;
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += o[i][j] * w;
+    }
+    m = bm;
+  }
+  bad = __any_sync(0xFFFFFFFFu, bad);
+  if (lane == 0) {
+    red[0][warp] = m;
+    red[1][warp] = l;
+    red_bad[warp] = bad;
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) part[warp][lane * V + j] = acc[j];
-  if (lane == 0) red[1][warp] = l;
   __syncthreads();
   if (warp != 0) return;
+  const float log2e = 1.4426950408889634f;
+  float mx = sinks ? sinks[h] * log2e : -INFINITY;
+  int any_bad = 0;
+  for (int i = 0; i < kCombineWarps; ++i) {
+    mx = fmaxf(mx, red[0][i]);
+    any_bad |= red_bad[i];
+  }
+  const float mu = mx == -INFINITY ? 0.0f : mx;
+  float f[kCombineWarps];
   l = sinks ? exp2f(sinks[h] * log2e - mu) : 0.0f;
-  for (int i = 0; i < kCombineWarps; ++i) l += red[1][i];
+#pragma unroll
+  for (int i = 0; i < kCombineWarps; ++i) {
+    f[i] = exp2f(red[0][i] - mu);
+    l += red[1][i] * f[i];
+  }
   const float inv = l > 0.0f ? 1.0f / l : 0.0f;
   float y[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     float sum = 0.0f;
-    for (int i = 0; i < kCombineWarps; ++i) sum += part[i][lane * V + j];
-    y[j] = bad ? __int_as_float(0x7FC00000) : sum * inv;
+#pragma unroll
+    for (int i = 0; i < kCombineWarps; ++i) sum += part[i][lane * V + j] * f[i];
+    y[j] = any_bad ? __int_as_float(0x7FC00000) : sum * inv;
   }
   if (rotated) {  // x = s .* (H y) / sqrt(D)
     warp_fwht<V>(y, lane);
@@ -221,7 +249,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   for (int j = 0; j < V; j += 2)
     *reinterpret_cast<float2*>(out + size_t(row) * D + lane * V + j) = make_float2(y[j], y[j + 1]);
   if (lse && lane == 0)
-    lse[row] = bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);
+    lse[row] = any_bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);
 }
 
 }  // namespace
@@ -260,7 +288,8 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
 }  // namespace
 
 uint32_t num_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, int64_t max_visible) {
-  return splits_for(dev, cfg, num_q_heads, max_visible, pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible));
+  const uint32_t group = num_q_heads / cfg.num_kv_heads;
+  return splits_for(dev, cfg, num_q_heads, max_visible, pick(cfg.k_type, cfg.v_type, cfg.head_dim, group, max_visible));
 }
 
 size_t workspace_tail_offset(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
@@ -274,7 +303,7 @@ size_t workspace_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uin
 
 void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCall& call, int64_t max_visible) {
   const uint32_t group = call.num_q_heads / cfg.num_kv_heads;
-  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, max_visible);
+  const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, group, max_visible);
   if (!inst) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
   const uint32_t ns = splits_for(dev, cfg, call.num_q_heads, max_visible, inst);
   auto stream = static_cast<cudaStream_t>(dev.stream());
@@ -313,29 +342,20 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   p.k_tab = k.tab;
   p.v_tab = v.tab;
   const dim3 grid(ns, cfg.num_kv_heads * p.head_chunks, cfg.num_seqs);
-  inst.launch(p, grid, stream);
+  // Programmatic dependents on sm_90 (see grid_dependency_wait): the table-lookup kernel's
+  // launch and table build overlap the end of the previous kernel (the previous call's combine,
+  // say), and the combine's launch the end of the attention. The tile kernel is launched plainly:
+  // as a dependent it was slower (H100: B8 S1024 13.8 -> 14.9 us, B1 S4096 9.9 -> 11.0).
+  const bool pdl = dev.cc_major() >= 9;
+  inst.launch(p, grid, stream, pdl && inst.pdl);
   const uint32_t rows = cfg.num_seqs * call.num_q_heads;
   const int rot = fmt::is_tq(v.type) ? 1 : 0;
   auto* combine = cfg.head_dim == 64    ? combine_kernel<64>
                   : cfg.head_dim == 128 ? combine_kernel<128>
                   : cfg.head_dim == 256 ? combine_kernel<256>
                                         : combine_kernel<512>;
-  // Programmatic dependent launch (sm_90): the combine's blocks are scheduled while the last
-  // attention blocks finish and wait in griddepcontrol.wait, which hides its launch latency.
-  cudaLaunchConfig_t lc{};
-  lc.gridDim = dim3(rows);
-  lc.blockDim = dim3(kCombineWarps * 32);
-  lc.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  if (dev.cc_major() >= 9) {
-    lc.attrs = &attr;
-    lc.numAttrs = 1;
-  }
-  TQKV_CUDA_CHECK(cudaLaunchKernelEx(&lc, combine, static_cast<const float*>(p.part_o),
-                                     static_cast<const float*>(p.part_ml), call.sinks, dev.signs(), call.out, call.lse,
-                                     call.num_q_heads, ns, rot));
+  launch_ex(combine, dim3(rows), dim3(kCombineWarps * 32), 0, stream, pdl, static_cast<const float*>(p.part_o),
+            static_cast<const float*>(p.part_ml), call.sinks, dev.signs(), call.out, call.lse, call.num_q_heads, ns, rot);
   TQKV_CUDA_LAUNCHED("combine_kernel");
 }
 

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "core/format.h"
 #include "cuda/check.cuh"
@@ -99,8 +100,13 @@ __device__ __forceinline__ int swz(int row, int byte) {
   return row * STRIDE + (((byte >> 4) ^ x) << 4) + (byte & 15);
 }
 
-// Programmatic dependent launch (sm_90; no-ops before): the attention kernels let the combine
-// launch once their main loops are done, and the combine waits for their results.
+// Programmatic dependent launch (sm_90; no-ops before). The combine and the table-lookup kernel
+// are launched as programmatic dependents of the stream's previous kernel (launch_ex): their
+// blocks may be scheduled while that kernel finishes, do only work that reads nothing produced
+// on the stream, and pass griddepcontrol.wait (which returns once the previous grid has
+// completed and its writes are visible) before anything else. The attention kernels trigger
+// after their main loops, the combine as soon as it starts, so the next call's table-lookup
+// blocks are resident and have built their tables before it ends.
 __device__ __forceinline__ void grid_dependency_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
@@ -600,15 +606,36 @@ struct Config {
   using Layout = Smem<KT, VT, D, TK, STAGES>;
 };
 
+// Launches kernel(args...) on stream, as a programmatic dependent of the stream's previous
+// kernel when pdl is set (callers set it on sm_90 only; see grid_dependency_wait). Works under
+// graph capture, where it becomes a programmatic edge.
+template <typename... Params, typename... Args>
+void launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+               Args&&... args) {
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = grid;
+  lc.blockDim = block;
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (pdl) {
+    lc.attrs = &attr;
+    lc.numAttrs = 1;
+  }
+  TQKV_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, std::forward<Args>(args)...));
+}
+
 // Launches one instance; the instance files (cuda/instances/) instantiate it.
 template <int KT, int VT, int D>
-void launch_attn(const AttnKernelParams& p, dim3 grid, cudaStream_t stream) {
+void launch_attn(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
   using C = Config<KT, VT, D>;
   auto* kernel = attn_decode_kernel<KT, VT, D, C::TK, C::STAGES>;
   const int bytes = C::Layout::kTotal;
   // Per function and device; cheap, and allowed while a graph is captured.
   TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
   TQKV_CUDA_LAUNCHED("attn_decode_kernel");
 }
 
@@ -630,7 +657,7 @@ int attn_blocks_per_sm() {
 }
 
 #define TQKV_INSTANTIATE_ATTN_D(KT, VT, D)                                              \
-  template void launch_attn<KT, VT, D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  template void launch_attn<KT, VT, D>(const AttnKernelParams&, dim3, cudaStream_t, bool); \
   template int attn_blocks_per_sm<KT, VT, D>();
 #define TQKV_INSTANTIATE_ATTN(KT, VT)     \
   TQKV_INSTANTIATE_ATTN_D(KT, VT, 64)     \

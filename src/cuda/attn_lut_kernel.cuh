@@ -39,6 +39,7 @@ constexpr int kRows = 16;                       // rows per warp step (the mma's
 // stored byte above it) and every lane reads its own bank.
 constexpr int kTableBytes = 256 * 256;
 constexpr int kMinRowsPerSplit = kWarps * kRows;  // every warp gets a chunk
+constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PACK applies
 
 template <int D>
 struct Layout {
@@ -103,7 +104,11 @@ __device__ __forceinline__ uint32_t select_nibbles(uint32_t a, uint32_t b) {
 
 // MINB: resident blocks per SM asked of the register allocator (2 caps a thread at 128).
 // SF16: the row scales are f16 (else f32); one configuration field sets both planes.
-template <int D, int MINB, bool SF16>
+// PACK (at most 4 query heads per block): the mma's 8 head columns carry the hi parts of the
+// heads in columns 0-3 and their lo parts in columns 4-7, so QK and PV take one mma per step
+// instead of two (hi and lo), and lanes t and t^2 add their halves with one shuffle. With 4 or
+// fewer heads those columns were zero padding.
+template <int D, int MINB, bool SF16, bool PACK>
 __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
   using Lay = Layout<D>;
   using Ch = Chunk<D>;
@@ -124,6 +129,24 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const uint32_t b = blockIdx.z;
   const uint32_t h0 = hkv_idx * p.group + hchunk * kHeadsPerBlock;
   const int nh = min(int(p.group - hchunk * kHeadsPerBlock), kHeadsPerBlock);
+
+  // The tables: thread e makes entry e of both and writes its 16 replicas (rotated by e so the
+  // stores of a warp spread over the banks). They come from the kernel parameters only, so they
+  // are built before griddepcontrol.wait, while the previous kernel on the stream may still run.
+  // Built here: copying 64 KB per block from L2 was no faster (docs/cuda-kernel-notes.md, step 17).
+  static_assert(kThreads == 256, "one thread per table entry");
+  {
+    uint32_t kpair, vpair, unused;
+    lookup4_16(p.k_tab, uint32_t(tid), kpair, unused);
+    lookup4_16(p.v_tab, uint32_t(tid), vpair, unused);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int part = (j + tid) & 15;  // uint4 `part` of the entry's 256 bytes: K below 8, V from 8
+      const uint32_t v = part < 8 ? kpair : vpair;
+      reinterpret_cast<uint4*>(smem)[tid * 16 + part] = make_uint4(v, v, v, v);
+    }
+  }
+  grid_dependency_wait();
 
   // ---- this split's slice of the visible positions (16-row multiples) ----
   const Slice sl = split_slice(p, b, split, kRows);
@@ -188,40 +211,30 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   Ch cur, nxt;
   if (rel < n_my) load(cur, rel, s0);
 
-  // The tables: thread e makes entry e of both and writes its 16 replicas (rotated by e so the
-  // stores of a warp spread over the banks). Built here: copying 64 KB per block from L2 was no
-  // faster (docs/cuda-kernel-notes.md, step 17).
-  static_assert(kThreads == 256, "one thread per table entry");
-  {
-    uint32_t kpair, vpair, unused;
-    lookup4_16(p.k_tab, uint32_t(tid), kpair, unused);
-    lookup4_16(p.v_tab, uint32_t(tid), vpair, unused);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int part = (j + tid) & 15;  // uint4 `part` of the entry's 256 bytes: K below 8, V from 8
-      const uint32_t v = part < 8 ? kpair : vpair;
-      reinterpret_cast<uint4*>(smem)[tid * 16 + part] = make_uint4(v, v, v, v);
-    }
-  }
-
   // ---- prologue: each warp rotates and scales one query head ----
   query_fragments<D, kWarps, true>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   __syncthreads();
 
-  // The query's hi parts stay in registers up to D = 128, the lo parts only at D = 64 (more
-  // would spill at 128 registers); the rest are read from shared memory per k-step.
-  constexpr bool kQHi = D <= 128, kQLo = D <= 64;
+  // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to D = 128,
+  // the lo parts only at D = 64 (more would spill at 128 registers); the rest are read from
+  // shared memory per k-step. PACK: column r >= 4 is the lo part of head r - 4, which the
+  // prologue stored at lane - 16.
+  constexpr bool kQHi = D <= 128, kQLo = D <= 64 && !PACK;
+  const int qlane = PACK && r >= 4 ? lane - 16 : lane;
+  const int qhalf = PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
   const uint4* q4 = reinterpret_cast<const uint4*>(q_hl);
 #pragma unroll
   for (int s = 0; s < S; ++s) {
-    const uint4 v = q4[s * 32 + lane];
-    if constexpr (kQHi) qhi[kQHi ? s : 0] = make_uint2(v.x, v.y);
+    const uint4 v = q4[s * 32 + qlane];
+    if constexpr (kQHi) qhi[kQHi ? s : 0] = qhalf ? make_uint2(v.z, v.w) : make_uint2(v.x, v.y);
     if constexpr (kQLo) qlo[kQLo ? s : 0] = make_uint2(v.z, v.w);
   }
+  // Heads of this lane's C fragment columns (PACK: lanes t and t^2 hold the same heads).
+  const int hd = PACK ? 2 * (t & 1) : 2 * t;
   const float log2e = 1.4426950408889634f;
-  const float qun0 = q_unscale[2 * t], qun1 = q_unscale[2 * t + 1];
-  const float bias0 = bias[2 * t], bias1 = bias[2 * t + 1];
+  const float qun0 = q_unscale[hd], qun1 = q_unscale[hd + 1];
+  const float bias0 = bias[hd], bias1 = bias[hd + 1];
   const float vmul = rsqrtf(float(D));
   const bool capped = p.softcap > 0.0f;
   const uint32_t ktl = 4u * uint32_t(lane), vtl = 128u + 4u * uint32_t(lane);
@@ -251,16 +264,21 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         a[2] = lookup<1>(tab, ktl, c.k[0][w]);
         a[3] = lookup<1>(tab, ktl, c.k[1][w]);
       }
-      const uint2 qh = kQHi ? qhi[kQHi ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + lane)[0];
-      const uint2 ql = kQLo ? qlo[kQLo ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + lane)[1];
-      mma16816(cc[0], a, qh.x, qh.y);
-      mma16816(cc[1], a, ql.x, ql.y);
+      const uint2 qh = kQHi ? qhi[kQHi ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + qlane)[qhalf];
+      if constexpr (PACK) {
+        mma16816(cc[s & 1], a, qh.x, qh.y);  // two chains over alternate k-steps
+      } else {
+        const uint2 ql = kQLo ? qlo[kQLo ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + lane)[1];
+        mma16816(cc[0], a, qh.x, qh.y);
+        mma16816(cc[1], a, ql.x, ql.y);
+      }
     }
-    // x: rows r, r+8 x heads 2t, 2t+1 (C fragment order), in log2 units.
+    // x: rows r, r+8 x heads hd, hd+1 (C fragment order), in log2 units.
     float x[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float dotv = cc[0][e] + cc[1][e];
+      float dotv = cc[0][e] + cc[1][e];
+      if constexpr (PACK) dotv += __shfl_xor_sync(0xFFFFFFFFu, dotv, 2);  // hi columns + lo columns
       const float f = (e & 1 ? qun1 : qun0) * c.kn[e >> 1];
       float v = fmaf(dotv, f, e & 1 ? bias1 : bias0);
       if (capped) v = p.softcap * tanhf(v / p.softcap);
@@ -270,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
       if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
     }
-    // ---- online softmax over the chunk (lanes sharing t hold heads 2t, 2t+1) ----
+    // ---- online softmax over the chunk (lanes sharing t hold heads hd, hd+1) ----
     float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
     rows_max(cm0, cm1);
     const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
@@ -299,8 +317,12 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     uint32_t top_hi, top_lo, bot_hi, bot_lo;
     split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
     split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
+    if constexpr (PACK) {  // columns 4-7 (lanes t >= 2) take the lo parts
+      top_hi = t >= 2 ? top_lo : top_hi;
+      bot_hi = t >= 2 ? bot_lo : bot_hi;
+    }
     const uint32_t b_hi0 = transpose8x8(top_hi), b_hi1 = transpose8x8(bot_hi);
-    const uint32_t b_lo0 = transpose8x8(top_lo), b_lo1 = transpose8x8(bot_lo);
+    const uint32_t b_lo0 = PACK ? 0u : transpose8x8(top_lo), b_lo1 = PACK ? 0u : transpose8x8(bot_lo);
     // ---- PV: nibbles of rows (2t, 2t+1) and (2t+8, 2t+9) merged per coordinate ----
 #pragma unroll
     for (int w = 0; w < Ch::VW; ++w) {
@@ -317,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         const uint32_t a[4] = {lookup<j>(tab, vtl, lo_n[0]), lookup<j>(tab, vtl, hi_n[0]), lookup<j>(tab, vtl, lo_n[1]),
                                lookup<j>(tab, vtl, hi_n[1])};
         mma16816(acc[i], a, b_hi0, b_hi1);
-        mma16816(acc[i], a, b_lo0, b_lo1);
+        if constexpr (!PACK) mma16816(acc[i], a, b_lo0, b_lo1);
       };
       pv(std::integral_constant<int, 0>{});
       pv(std::integral_constant<int, 1>{});
@@ -346,20 +368,26 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   }
 
   grid_dependency_trigger();
+  if constexpr (PACK)  // the hi-column and lo-column sums of each head
+#pragma unroll
+    for (int i = 0; i < S; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][e] += __shfl_xor_sync(0xFFFFFFFFu, acc[i][e], 2);
   // ---- merge the warps: maxima and sums per head, then the rescaled outputs ----
+  // (PACK: lanes t and t^2 hold the same heads and values; both store them.)
   rows_sum(l0, l1);
   if (r == 0) {
-    wm[warp * kHeadsPerBlock + 2 * t] = m0;
-    wm[warp * kHeadsPerBlock + 2 * t + 1] = m1;
-    wl[warp * kHeadsPerBlock + 2 * t] = l0;
-    wl[warp * kHeadsPerBlock + 2 * t + 1] = l1;
+    wm[warp * kHeadsPerBlock + hd] = m0;
+    wm[warp * kHeadsPerBlock + hd + 1] = m1;
+    wl[warp * kHeadsPerBlock + hd] = l0;
+    wl[warp * kHeadsPerBlock + hd + 1] = l1;
   }
   __syncthreads();  // also: every warp is done with the tables, which the merge buffer reuses
   float bm0 = -INFINITY, bm1 = -INFINITY;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
-    bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + 2 * t]);
-    bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + 2 * t + 1]);
+    bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
+    bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
   }
   const float f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
   const float f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
@@ -367,8 +395,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     const int coord = r * (D / 8) + 2 * i;
-    *reinterpret_cast<float2*>(mw + (2 * t) * Lay::kHeadStride + coord) = make_float2(acc[i][0] * f0, acc[i][2] * f0);
-    *reinterpret_cast<float2*>(mw + (2 * t + 1) * Lay::kHeadStride + coord) =
+    *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + coord) = make_float2(acc[i][0] * f0, acc[i][2] * f0);
+    *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + coord) =
         make_float2(acc[i][1] * f1, acc[i][3] * f1);
   }
   __syncthreads();
@@ -382,11 +410,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     for (int w = 0; w < kWarps; ++w) sum += merge[(w * kHeadsPerBlock + head) * Lay::kHeadStride + coord];
     po[head * head_stride + coord] = bad ? nanv : sum;
   }
-  // The block's sums, by the lanes that already hold its maxima for heads 2t, 2t+1.
-  if (warp == 0 && r == 0)
+  // The block's sums, by the lanes that already hold its maxima for heads hd, hd+1.
+  if (warp == 0 && r == 0 && (!PACK || t < 2))
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int head = 2 * t + e;
+      const int head = hd + e;
       if (head >= nh) continue;
       const float bm = e ? bm1 : bm0, bmu = bm == -INFINITY ? 0.0f : bm;
       float l = 0.0f;
@@ -402,11 +430,14 @@ template <int D>
 constexpr int kMinBlocks = D <= 128 ? 2 : 1;
 
 template <int D>
-void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream) {
+void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
   constexpr int bytes = Layout<D>::kBytes;
-  auto* kernel = p.k_scale_f16 ? attn_lut_kernel<D, kMinBlocks<D>, true> : attn_lut_kernel<D, kMinBlocks<D>, false>;
+  constexpr int MB = kMinBlocks<D>;
+  const bool pack = p.group <= kPackMaxHeads;  // one head chunk of at most 4 heads
+  auto* kernel = pack ? (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true> : attn_lut_kernel<D, MB, false, true>)
+                      : (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, false> : attn_lut_kernel<D, MB, false, false>);
   TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
   TQKV_CUDA_LAUNCHED("attn_lut_kernel");
 }
 
@@ -415,7 +446,7 @@ template <int D>
 int blocks_per_sm() {
   static const int n = [] {
     constexpr int bytes = Layout<D>::kBytes;
-    auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false>;
+    auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false, false>;
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int k = 0;
     TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, kernel, kThreads, bytes));
@@ -427,7 +458,7 @@ int blocks_per_sm() {
 }  // namespace lut
 
 #define TQKV_INSTANTIATE_ATTN_LUT(D)                                                          \
-  template void lut::launch<D>(const AttnKernelParams&, dim3, cudaStream_t); \
+  template void lut::launch<D>(const AttnKernelParams&, dim3, cudaStream_t, bool); \
   template int lut::blocks_per_sm<D>();
 
 }  // namespace tqkv::cuda
