@@ -1,6 +1,8 @@
 // Device-resident cache: allocation, copies, lengths and key means. Encoding is in encode.cu.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <string>
 #include <vector>
 
@@ -113,8 +115,7 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
     TQKV_CUDA_CHECK(cudaMemcpy(signs_, meta.signs(), d_ * sizeof(float), cudaMemcpyHostToDevice));
     lengths_ = dev_alloc<int64_t>(seqs_, "lengths");
     centers_ = dev_alloc<float>(size_t(seqs_) * hkv_ * d_, "key means");
-    flag_dev_ = dev_alloc<int>(4, "append status");
-    TQKV_CUDA_CHECK(cudaMallocHost(&flag_host_, 4 * sizeof(int)));
+    host_stage(4096);
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -128,14 +129,14 @@ DeviceCache::~DeviceCache() {
   cudaFree(lengths_);
   cudaFree(centers_);
   cudaFree(staging_);
-  cudaFree(flag_dev_);
-  cudaFreeHost(flag_host_);
+  cudaFreeHost(host_stage_);
   cudaFree(ws_);
   k_ = v_ = DevPlane{};
   signs_ = centers_ = nullptr;
   lengths_ = nullptr;
   staging_ = ws_ = nullptr;
-  flag_dev_ = flag_host_ = nullptr;
+  host_stage_ = nullptr;
+  host_stage_bytes_ = 0;
 }
 
 void DeviceCache::push_state(const core::Cache& meta) {
@@ -191,6 +192,23 @@ void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
   }
   TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
   for (uint32_t s = 0; s < seqs_; ++s) dst.restore(s, meta.length(s), meta.k_center(s));
+}
+
+uint8_t* DeviceCache::host_stage(size_t bytes) {
+  if (bytes <= host_stage_bytes_) return host_stage_;
+  bytes = std::max(bytes, 2 * host_stage_bytes_);
+  cudaFreeHost(host_stage_);
+  host_stage_ = nullptr;
+  host_stage_bytes_ = 0;
+  const cudaError_t e = cudaMallocHost(&host_stage_, bytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    host_stage_ = nullptr;
+    fail(e == cudaErrorMemoryAllocation ? TQKV_ERROR_OUT_OF_MEMORY : TQKV_ERROR_BACKEND,
+         "cuda: cannot allocate " + std::to_string(bytes) + " bytes of pinned append staging: " + cudaGetErrorString(e));
+  }
+  host_stage_bytes_ = bytes;
+  return host_stage_;
 }
 
 void* DeviceCache::workspace(size_t bytes, bool capturing) {

@@ -78,8 +78,12 @@ class DeviceCache {
   float* centers_ = nullptr;
   void* staging_ = nullptr;  // host input copied here before encoding
   size_t staging_bytes_ = 0;
-  int* flag_dev_ = nullptr;  // non-finite input found
-  int* flag_host_ = nullptr; // pinned
+  // Pinned host memory for append's tables (up) and its status and key means (down), so those
+  // copies are asynchronous DMA instead of staged pageable copies. Only append() uses it, and
+  // every append waits for its stream before returning, so it is free when an append starts.
+  uint8_t* host_stage(size_t bytes);
+  uint8_t* host_stage_ = nullptr;
+  size_t host_stage_bytes_ = 0;
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
   uint32_t d_ = 0, hkv_ = 0, seqs_ = 0, cap_ = 0;

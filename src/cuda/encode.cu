@@ -1,14 +1,16 @@
 // GPU encoder: DeviceCache::append. One pass over the input does every check and every row.
 //
 // Order on the cache's stream:
-//   1. flags reset; per-append tables (sequence offsets, key-mean sources) uploaded to staging_.
+//   1. per-append tables (sequence offsets, key-mean sources, quantization tables, the starting
+//      value of the error keys) uploaded to staging_ in one copy from pinned memory.
 //   2. key means of the sequences whose first append defines one (mean_partial, mean_final).
 //   3. encode_kernel: one launch for all tokens, heads, sequences, K and V. It encodes every row
 //      into a scratch area of staging_ (input order) and, on the way, records the first
-//      non-finite input value, dense f16 overflow or unrepresentable scale in flag_dev_.
+//      non-finite input value, dense f16 overflow or unrepresentable scale in the error keys.
 //   4. commit_kernel: if no flag is set, scatters the scratch rows and scales into their slots and
 //      updates the device lengths and key means; otherwise it writes nothing.
-//   5. flags (and new key means) copied back, one synchronisation, then the host bookkeeping.
+//   5. error keys (and new key means) copied back to pinned memory, one synchronisation, then
+//      the host bookkeeping.
 // Encoding into scratch and committing afterwards reads the input once; a separate check pass
 // before encoding would read it twice, and the input is most of the traffic (bf16 K/V against
 // 4-bit rows). The commit re-reads only the encoded bytes, which are still in L2 at prefill sizes.
@@ -564,6 +566,9 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   const size_t t_start = put(start.data(), start.size() * sizeof(int64_t));
   const size_t t_center = put(center.data(), center.size() * sizeof(int32_t));
   const size_t t_def = put(def_seq.data(), def_seq.size() * sizeof(int32_t));
+  // The error keys start at "no error" with the tables: no separate memset on the stream.
+  const unsigned long long no_error[2] = {kNoError, kNoError};
+  const size_t t_flags = put(no_error, sizeof no_error);
   const Lut* luts[2] = {nullptr, nullptr};
   size_t t_lut[2] = {0, 0};
   for (int w = 0; w < 2; ++w) {
@@ -596,8 +601,12 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     staging_bytes_ = off;
   }
   uint8_t* stage = static_cast<uint8_t*>(staging_);
-  auto* flags = reinterpret_cast<unsigned long long*>(flag_dev_);
-  std::vector<float> mu_host(size_t(ndef) * cols);
+  auto* flags = reinterpret_cast<unsigned long long*>(stage + o_tab + t_flags);
+  // Pinned: the tables going up, then the error keys and new key means coming back.
+  const size_t h_flags = align_up(tab.size(), 16), h_mu = h_flags + sizeof no_error;
+  uint8_t* host = host_stage(h_mu + size_t(ndef) * cols * sizeof(float));
+  std::memcpy(host, tab.data(), tab.size());
+  const float* mu_host = reinterpret_cast<const float*>(host + h_mu);
 
   try {
     const void* in[2] = {k, v};
@@ -606,9 +615,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
         TQKV_CUDA_CHECK(cudaMemcpyAsync(stage + o_in[w], in[w], in_bytes, cudaMemcpyDefault, st));
         in[w] = stage + o_in[w];
       }
-    TQKV_CUDA_CHECK(cudaMemsetAsync(flags, 0xFF, 2 * sizeof(unsigned long long), st));
-    // Pageable source: tab outlives the synchronisation below.
-    TQKV_CUDA_CHECK(cudaMemcpyAsync(stage + o_tab, tab.data(), tab.size(), cudaMemcpyHostToDevice, st));
+    TQKV_CUDA_CHECK(cudaMemcpyAsync(stage + o_tab, host, tab.size(), cudaMemcpyHostToDevice, st));
     const uint8_t* dtab = stage + o_tab;
     const auto* d_prefix = reinterpret_cast<const uint64_t*>(dtab + t_prefix);
     const auto* d_def = reinterpret_cast<const int32_t*>(dtab + t_def);
@@ -688,9 +695,9 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     commit_kernel<<<dim3(cblocks, 2), 256, 0, st>>>(ca);
     TQKV_CUDA_LAUNCHED("commit_kernel");
 
-    TQKV_CUDA_CHECK(cudaMemcpyAsync(flag_host_, flags, 2 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, st));
+    TQKV_CUDA_CHECK(cudaMemcpyAsync(host + h_flags, flags, sizeof no_error, cudaMemcpyDeviceToHost, st));
     if (ndef > 0)
-      TQKV_CUDA_CHECK(cudaMemcpyAsync(mu_host.data(), d_mu, mu_host.size() * sizeof(float), cudaMemcpyDeviceToHost, st));
+      TQKV_CUDA_CHECK(cudaMemcpyAsync(host + h_mu, d_mu, size_t(ndef) * cols * sizeof(float), cudaMemcpyDeviceToHost, st));
     TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
   } catch (...) {
     // Nothing may still be reading the host tables or writing mu_host once they are gone.
@@ -700,7 +707,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   }
 
   unsigned long long key[2];
-  std::memcpy(key, flag_host_, sizeof key);
+  std::memcpy(key, host + h_flags, sizeof key);
   if (key[0] != kNoError || key[1] != kNoError) {
     // Report the error of the earliest sequence, K before V (the CPU path's order).
     auto where = [&](unsigned long long kk, uint64_t& flat, uint32_t& s) {
@@ -746,7 +753,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   // bookkeeping follows. If it threw, the device is brought back in line with the host.
   try {
     for (uint32_t i = 0; i < ndef; ++i)
-      meta.set_k_center(uint32_t(def_seq[i]), mu_host.data() + size_t(i) * cols);
+      meta.set_k_center(uint32_t(def_seq[i]), mu_host + size_t(i) * cols);
     for (uint32_t s = 0; s < seqs_; ++s)
       if (counts[s]) meta.advance(s, counts[s]);
   } catch (...) {
