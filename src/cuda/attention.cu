@@ -44,6 +44,14 @@ struct Instance {
   int (*blocks_per_sm)() = nullptr;
   int64_t min_rows_per_split = 0;  // fewer rows per split spread short contexts wider but grow the combine
   bool pdl = false;                 // launched as a programmatic dependent (sm_90)
+  // Where one block per SM gives every split at most this many rows, one block per SM is used
+  // (0: never). The table-lookup kernel at D = 128 (two blocks fit an SM) builds its tables
+  // once per SM instead of twice and keeps a second chunk in flight per warp: H100, batch 1,
+  // S = 4096 9.5 -> 8.2 us, S = 8192 11.1 -> 10.4, batch 8 S = 512 9.2 -> 8.4; with 8 chunks
+  // per warp (1024 rows) two blocks per SM were faster (S = 16384: 14.4 against 19.4), and at
+  // D = 64 one block per SM was slower (S = 8192: 8.7 against 9.8); docs/cuda-kernel-notes.md,
+  // step 29.
+  int64_t one_block_max_rows = 0;
   explicit operator bool() const { return launch != nullptr; }
 };
 
@@ -75,7 +83,7 @@ Instance pick_lut(uint32_t kt, uint32_t vt, uint32_t d) {
   if (kt != fmt::TQ4 || vt != fmt::TQ4) return {};
   switch (d) {
     case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit, true};
-    case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit, true};
+    case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit, true, 4 * lut::kMinRowsPerSplit};
     case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit, true};
     default: return {};
   }
@@ -281,7 +289,14 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
   // S = 1024, batch 1, Hkv = 8 on the H100 that is 7.2 instead of 8.1 us; where the blocks
   // already cover half the SMs (S = 2048, or batch 8) halving was slower (docs/cuda-kernel-notes.md).
   const uint64_t pairs = blocks_per_split(cfg, num_q_heads);
-  if (uint64_t(n) * pairs * 2 <= uint64_t(std::max(1, dev.sm_count()))) n = by_len(std::max<int64_t>(1, min_rows / 2));
+  const int64_t sms = std::max(1, dev.sm_count());
+  if (uint64_t(n) * pairs * 2 <= uint64_t(sms)) n = by_len(std::max<int64_t>(1, min_rows / 2));
+  // Short contexts on an instance that is faster with one block per SM there (see Instance).
+  if (inst.one_block_max_rows > 0) {
+    const int64_t one = std::max<int64_t>(1, sms / int64_t(pairs));  // splits for one block per SM
+    if ((max_visible + one - 1) / one <= inst.one_block_max_rows)
+      n = std::min(one, by_len(std::max<int64_t>(1, min_rows / 2)));
+  }
   return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), n));
 }
 
