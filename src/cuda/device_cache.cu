@@ -194,21 +194,26 @@ void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
   for (uint32_t s = 0; s < seqs_; ++s) dst.restore(s, meta.length(s), meta.k_center(s));
 }
 
-uint8_t* DeviceCache::host_stage(size_t bytes) {
-  if (bytes <= host_stage_bytes_) return host_stage_;
-  bytes = std::max(bytes, 2 * host_stage_bytes_);
-  cudaFreeHost(host_stage_);
-  host_stage_ = nullptr;
-  host_stage_bytes_ = 0;
-  const cudaError_t e = cudaMallocHost(&host_stage_, bytes);
+void DeviceCache::grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what) {
+  if (bytes <= have) return;
+  if (pinned) cudaFreeHost(buf);
+  else cudaFree(buf);
+  buf = nullptr;
+  have = 0;
+  const cudaError_t e = pinned ? cudaMallocHost(&buf, bytes) : cudaMalloc(&buf, bytes);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
-    host_stage_ = nullptr;
+    buf = nullptr;
     fail(e == cudaErrorMemoryAllocation ? TQKV_ERROR_OUT_OF_MEMORY : TQKV_ERROR_BACKEND,
-         "cuda: cannot allocate " + std::to_string(bytes) + " bytes of pinned append staging: " + cudaGetErrorString(e));
+         "cuda: cannot allocate " + std::to_string(bytes) + " bytes of " + what + ": " + cudaGetErrorString(e));
   }
-  host_stage_bytes_ = bytes;
-  return host_stage_;
+  have = bytes;
+}
+
+uint8_t* DeviceCache::host_stage(size_t bytes) {
+  if (bytes > host_stage_bytes_)
+    grow(host_stage_, host_stage_bytes_, std::max(bytes, 2 * host_stage_bytes_), true, "pinned append staging");
+  return static_cast<uint8_t*>(host_stage_);
 }
 
 void* DeviceCache::workspace(size_t bytes, bool capturing) {

@@ -82,8 +82,11 @@ class DeviceCache {
   // copies are asynchronous DMA instead of staged pageable copies. Only append() uses it, and
   // every append waits for its stream before returning, so it is free when an append starts.
   uint8_t* host_stage(size_t bytes);
-  uint8_t* host_stage_ = nullptr;
+  void* host_stage_ = nullptr;
   size_t host_stage_bytes_ = 0;
+  // Replaces buf (have bytes; device memory, or pinned host memory) by one of `bytes` bytes,
+  // contents not kept, if it is smaller; `what` names it in the error.
+  static void grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what);
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
   uint32_t d_ = 0, hkv_ = 0, seqs_ = 0, cap_ = 0;

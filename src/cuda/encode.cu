@@ -587,18 +587,8 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     o_scales[w] = take(size_t(R) * fmt::scale_bytes(planes[w]->type, planes[w]->scale_f16));
   }
   if (off > staging_bytes_) {
-    TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
-    cudaFree(staging_);
-    staging_ = nullptr;
-    staging_bytes_ = 0;
-    const cudaError_t e = cudaMalloc(&staging_, off);
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();
-      staging_ = nullptr;
-      fail(e == cudaErrorMemoryAllocation ? TQKV_ERROR_OUT_OF_MEMORY : TQKV_ERROR_BACKEND,
-           "cuda: cannot allocate " + std::to_string(off) + " bytes of append staging: " + cudaGetErrorString(e));
-    }
-    staging_bytes_ = off;
+    TQKV_CUDA_CHECK(cudaStreamSynchronize(st));  // earlier work on the stream may still read it
+    grow(staging_, staging_bytes_, off, false, "append staging");
   }
   uint8_t* stage = static_cast<uint8_t*>(staging_);
   auto* flags = reinterpret_cast<unsigned long long*>(stage + o_tab + t_flags);
