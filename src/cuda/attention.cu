@@ -150,7 +150,7 @@ size_t partial_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uint3
 // Merges the splits of one (sequence, query head) and rotates the output back. Four warps:
 // warp w merges splits w, w+4, ... with lane l holding coordinates l*V .. l*V+V-1. A warp loads
 // a whole batch of splits (maxima, sums and outputs together) before using any of it and keeps
-// an online maximum, so a call with up to 4 * kCombineBatch splits per head waits for memory
+// an online maximum, so a call with up to 4 * kBatch splits per head (64 at D = 128) waits for memory
 // once. Warp 0 then merges the four warps, applies the inverse rotation in registers (FWHT
 // strides below V in the lane, larger ones across lanes) and writes.
 constexpr int kCombineWarps = 4;
