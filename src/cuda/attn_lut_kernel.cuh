@@ -233,13 +233,17 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // Heads of this lane's C fragment columns (PACK: lanes t and t^2 hold the same heads).
   const int hd = PACK ? 2 * (t & 1) : 2 * t;
   const float log2e = 1.4426950408889634f;
-  const float qun0 = q_unscale[hd], qun1 = q_unscale[hd + 1];
-  const float bias0 = bias[hd], bias1 = bias[hd + 1];
-  const float vmul = rsqrtf(float(D));
   const bool capped = p.softcap > 0.0f;
+  // Scores come out in log2 units: without a softcap log2(e) is folded into the query's unscale
+  // factor and bias here; with one, tanh takes natural units and the factor follows it.
+  const float to_x = capped ? 1.0f : log2e;
+  const float qun0 = q_unscale[hd] * to_x, qun1 = q_unscale[hd + 1] * to_x;
+  const float bias0 = bias[hd] * to_x, bias1 = bias[hd + 1] * to_x;
+  const float vmul = rsqrtf(float(D));
   const uint32_t ktl = 4u * uint32_t(lane), vtl = 128u + 4u * uint32_t(lane);
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  float mu0 = 0.0f, mu1 = 0.0f;  // the maxima as exponent offsets (0 while a maximum is -inf)
   float acc[S][4];
 #pragma unroll
   for (int i = 0; i < S; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
@@ -279,11 +283,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     for (int e = 0; e < 4; ++e) {
       float dotv = cc[0][e] + cc[1][e];
       if constexpr (PACK) dotv += __shfl_xor_sync(0xFFFFFFFFu, dotv, 2);  // hi columns + lo columns
-      const float f = (e & 1 ? qun1 : qun0) * c.kn[e >> 1];
-      float v = fmaf(dotv, f, e & 1 ? bias1 : bias0);
-      if (capped) v = p.softcap * tanhf(v / p.softcap);
-      x[e] = v * log2e;
+      x[e] = fmaf(dotv, (e & 1 ? qun1 : qun0) * c.kn[e >> 1], e & 1 ? bias1 : bias0);
     }
+    if (capped)  // one branch for the chunk's four scores
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
     if (rel + kRows > n_my) {
       if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
       if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
@@ -294,8 +298,10 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
     // The output is rescaled only when some head's maximum grew (rare after the first chunks).
     if (__any_sync(0xFFFFFFFFu, mn0 > m0 || mn1 > m1)) {
-      const float al0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
-      const float al1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
+      mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+      mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+      const float al0 = fast_exp2(m0 - mu0);
+      const float al1 = fast_exp2(m1 - mu1);
       l0 *= al0;
       l1 *= al1;
 #pragma unroll
@@ -308,7 +314,6 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       m0 = mn0;
       m1 = mn1;
     }
-    const float mu0 = m0 == -INFINITY ? 0.0f : m0, mu1 = m1 == -INFINITY ? 0.0f : m1;
     const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
     l0 += pr[0] + pr[2];
     l1 += pr[1] + pr[3];
