@@ -62,7 +62,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     start=$SECONDS
     run_bin "$t" --gtest_brief=1 >"$logs/$name.log" 2>&1
     report "$name" $? "$logs/$name.log" $((SECONDS - start))
-    # The attention parity test again with each 4-bit kernel forced (the length picks otherwise).
+    # The attention parity test again with each 4-bit kernel forced (pick() chooses otherwise).
     if [ "$name" = test_cuda_attention ]; then
       for kernel in tile lut; do
         start=$SECONDS

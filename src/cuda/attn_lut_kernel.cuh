@@ -13,7 +13,8 @@
 // Fragment layout (lane = 4r + t):
 //   QK: A = K rows (r, r+8) of the chunk; the lane loads bytes [t*D/8, (t+1)*D/8) of each row,
 //       and k-step s uses bytes 2s, 2s+1: coordinates t*D/4 + 4s + 0..3 (the query is laid out
-//       to match, as in the tile kernel). B = query heads (hi + lo f16 parts).
+//       to match, as in the tile kernel). B = query heads (hi + lo f16 parts; PACK: both in one
+//       B, see the kernel).
 //   PV: A = V^T: the lane loads bytes [r*D/16, (r+1)*D/16) of rows 2t, 2t+1, 2t+8, 2t+9; the
 //       nibbles of two rows at one coordinate are merged into one byte, so one table load gives
 //       the (row 2t, row 2t+1) pair the fragment wants. M-tile i, row m = r is coordinate
@@ -23,7 +24,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/attn_kernel.cuh"
