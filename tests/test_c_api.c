@@ -56,6 +56,14 @@ int main(void) {
   CHECK(tqkv_cache_append(cache, 0, 30, TQKV_DTYPE_F32, k, v) == TQKV_ERROR_CAPACITY);
   CHECK(strstr(tqkv_last_error(), "capacity") != NULL);
   CHECK(tqkv_cache_length(cache, 0, &len) == TQKV_OK && len == N);
+  /* On a CPU cache the asynchronous calls are the synchronous ones: errors at once. */
+  CHECK(tqkv_cache_append_async(cache, 0, 30, TQKV_DTYPE_F32, k, v) == TQKV_ERROR_CAPACITY);
+  CHECK(tqkv_cache_append_async(cache, 0, 1, TQKV_DTYPE_F32, k, v) == TQKV_OK);
+  CHECK(tqkv_cache_sync(cache) == TQKV_OK);
+  CHECK(tqkv_cache_sync(NULL) == TQKV_ERROR_INVALID_ARGUMENT);
+  CHECK(tqkv_cache_length(cache, 0, &len) == TQKV_OK && len == N + 1);
+  CHECK(tqkv_cache_reset(cache, 0) == TQKV_OK);
+  CHECK(tqkv_cache_append(cache, 0, N, TQKV_DTYPE_F32, k, v) == TQKV_OK);
 
   memset(&p, 0, sizeof p);
   p.num_q_heads = HQ;

@@ -191,6 +191,24 @@ TQKV_API tqkv_status tqkv_cache_append(tqkv_cache* cache, uint32_t seq, uint32_t
  * then sequence 1, ..., each [counts[s]][num_kv_heads][head_dim]. All-or-nothing. */
 TQKV_API tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* counts,
                                              tqkv_dtype dtype, const void* k, const void* v);
+/* Asynchronous appends, for CUDA caches in a decode loop: the same as tqkv_cache_append and
+ * tqkv_cache_append_batch, but they do not wait for the cache's stream. k and v must be device
+ * memory that stays valid until the stream has run the append. The arguments are checked at
+ * once (capacity included); the values are checked on the device as ever, and a failed append
+ * still changes nothing on the device, but its error comes later: from tqkv_cache_sync, or from
+ * the next call that waits for the stream (tqkv_cache_append/_batch, reset, set_k_center, copy
+ * into the cache), which then does nothing else. Until then lengths count the appends, and every
+ * append after a failed one is skipped on the device; reporting the error takes them all back,
+ * so lengths and key means are those from before the failed append. Not allowed during CUDA
+ * graph capture (the positions written are fixed at call time). On a CPU cache these are the
+ * synchronous calls. */
+TQKV_API tqkv_status tqkv_cache_append_async(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens,
+                                             tqkv_dtype dtype, const void* k, const void* v);
+TQKV_API tqkv_status tqkv_cache_append_batch_async(tqkv_cache* cache, const uint32_t* counts,
+                                                   tqkv_dtype dtype, const void* k, const void* v);
+/* Waits for the cache's stream and reports the first failed asynchronous append since the last
+ * sync (see above); TQKV_OK when there was none. A no-op on CPU caches. */
+TQKV_API tqkv_status tqkv_cache_sync(tqkv_cache* cache);
 /* Number of positions appended to seq since creation or reset (may exceed capacity in ring mode). */
 TQKV_API tqkv_status tqkv_cache_length(const tqkv_cache* cache, uint32_t seq, int64_t* out);
 /* Empties seq (its key mean too, if any). */
@@ -239,7 +257,7 @@ TQKV_API tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t
  * the device current at creation), in the same format as a CPU cache. On such a cache:
  * - append / append_batch take k and v in device or host memory (the pointer's kind is looked
  *   up); every value is checked on the device, then the call waits for its stream once, so an
- *   error leaves the cache unchanged;
+ *   error leaves the cache unchanged; the _async variants do not wait (see them);
  * - tqkv_attend takes q, out and lse in device memory and runs on the cache's stream without
  *   waiting for it, allocating nothing after the first call, so it can be captured in a CUDA
  *   graph. Each sequence's length is read from device memory when the kernel runs, so a replayed

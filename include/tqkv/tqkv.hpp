@@ -73,6 +73,16 @@ class Cache {
   void append(uint32_t seq, std::span<const uint16_t> k, std::span<const uint16_t> v, tqkv_dtype dtype) {
     append_raw(seq, k.size(), v.size(), dtype, k.data(), v.data());
   }
+  // CUDA caches: appends that do not wait for the stream (tqkv_cache_append_async); k and v are
+  // device pointers to n_tokens * num_kv_heads * head_dim values of dtype. Errors come from sync().
+  void append_async(uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void* k, const void* v) {
+    check(tqkv_cache_append_async(ptr_.get(), seq, n_tokens, dtype, k, v));
+  }
+  void append_batch_async(const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v) {
+    check(tqkv_cache_append_batch_async(ptr_.get(), counts, dtype, k, v));
+  }
+  // Waits for the stream; throws the error of a failed asynchronous append.
+  void sync() { check(tqkv_cache_sync(ptr_.get())); }
   int64_t length(uint32_t seq) const {
     int64_t n = 0;
     check(tqkv_cache_length(ptr_.get(), seq, &n));

@@ -223,6 +223,48 @@ tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* counts, t
   });
 }
 
+tqkv_status tqkv_cache_append_async(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype,
+                                    const void* k, const void* v) {
+  return guarded([&] {
+    auto& c = cache_ref(cache);
+#ifdef TQKV_HAVE_CUDA
+    if (cache->cuda()) {
+      c.check_seq(seq, "append");
+      std::vector<uint32_t> counts(c.num_seqs(), 0);
+      counts[seq] = n_tokens;
+      device_of(cache).append(c, counts.data(), dtype, k, v, /*async=*/true);
+      return;
+    }
+#endif
+    c.append(seq, n_tokens, dtype, k, v);
+  });
+}
+
+tqkv_status tqkv_cache_append_batch_async(tqkv_cache* cache, const uint32_t* counts, tqkv_dtype dtype, const void* k,
+                                          const void* v) {
+  return guarded([&] {
+    auto& c = cache_ref(cache);
+#ifdef TQKV_HAVE_CUDA
+    if (cache->cuda()) {
+      device_of(cache).append(c, counts, dtype, k, v, /*async=*/true);
+      return;
+    }
+#endif
+    c.append_batch(counts, dtype, k, v);
+  });
+}
+
+tqkv_status tqkv_cache_sync(tqkv_cache* cache) {
+  return guarded([&] {
+    auto& c = cache_ref(cache);
+#ifdef TQKV_HAVE_CUDA
+    if (cache->cuda()) device_of(cache).sync(c);
+#else
+    (void)c;
+#endif
+  });
+}
+
 tqkv_status tqkv_cache_length(const tqkv_cache* cache, uint32_t seq, int64_t* out) {
   return guarded([&] {
     const auto& c = cache_ref(cache);

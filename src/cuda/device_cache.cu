@@ -9,6 +9,8 @@
 #include "core/half.h"
 #include "cuda/check.cuh"
 #include "cuda/device_cache.h"
+#include "cuda/encode.h"
+#include "cuda/quant_table.h"
 
 namespace tqkv::cuda {
 
@@ -58,7 +60,7 @@ T* dev_alloc(size_t n, const char* what) {
   return static_cast<T*>(p);
 }
 
-void init_plane(DevPlane& p, const core::Plane& h, size_t rows) {
+void init_plane(DevPlane& p, const core::Plane& h, size_t rows, uint32_t d) {
   p.type = h.type;
   p.stride = h.stride;
   p.scale_f16 = h.scale_f16;
@@ -76,6 +78,12 @@ void init_plane(DevPlane& p, const core::Plane& h, size_t rows) {
       p.tab.lo[e >> 2] |= uint32_t(h & 0xFF) << ((e & 3) * 8);
       p.tab.hi[e >> 2] |= uint32_t(h >> 8) << ((e & 3) * 8);
     }
+    const Lut& lut = lut_for(cb, d);
+    p.lut = dev_alloc<uint8_t>(lut.cells.size(), "quantization table");
+    TQKV_CUDA_CHECK(cudaMemcpy(p.lut, lut.cells.data(), lut.cells.size(), cudaMemcpyHostToDevice));
+    p.lut_size = static_cast<uint32_t>(lut.cells.size());
+    p.lut_off = lut.off;
+    p.lut_scale = lut.scale;
   }
 }
 
@@ -84,6 +92,7 @@ void free_plane(DevPlane& p) {
   cudaFree(p.scales);
   cudaFree(p.centroids);
   cudaFree(p.boundaries);
+  cudaFree(p.lut);
 }
 
 }  // namespace
@@ -108,13 +117,21 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
   cap_ = c.capacity;
   const size_t rows = size_t(seqs_) * hkv_ * cap_;
   try {
-    init_plane(k_, meta.plane(0), rows);
-    init_plane(v_, meta.plane(1), rows);
+    init_plane(k_, meta.plane(0), rows, d_);
+    init_plane(v_, meta.plane(1), rows, d_);
     signs_ = dev_alloc<float>(d_, "rotation signs");
     TQKV_CUDA_CHECK(cudaMemcpy(signs_, meta.signs(), d_ * sizeof(float), cudaMemcpyHostToDevice));
     lengths_ = dev_alloc<int64_t>(seqs_, "lengths");
     centers_ = dev_alloc<float>(size_t(seqs_) * hkv_ * d_, "key means");
     host_stage(4096);
+    state_ = dev_alloc<enc::State>(1, "append state");
+    enc::State init{};
+    init.flags[0] = init.flags[1] = enc::kNoError;
+    TQKV_CUDA_CHECK(cudaMemcpy(state_, &init, sizeof init, cudaMemcpyHostToDevice));
+    cudaEvent_t ev = nullptr;
+    TQKV_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    stage_event_ = ev;
+    center_serial_.assign(seqs_, 0);
   } catch (...) {
     this->~DeviceCache();
     throw;
@@ -130,6 +147,10 @@ DeviceCache::~DeviceCache() {
   cudaFree(staging_);
   cudaFreeHost(host_stage_);
   cudaFree(ws_);
+  cudaFree(state_);
+  if (stage_event_) cudaEventDestroy(static_cast<cudaEvent_t>(stage_event_));
+  state_ = nullptr;
+  stage_event_ = nullptr;
   k_ = v_ = DevPlane{};
   signs_ = centers_ = nullptr;
   lengths_ = nullptr;
@@ -152,18 +173,27 @@ void DeviceCache::push_state(const core::Cache& meta) {
   TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
 }
 
+void DeviceCache::set_stream(void* stream) {
+  // Work queued on the old stream (asynchronous appends) must be done before the new one runs.
+  TQKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+  stream_ = stream;
+}
+
 void DeviceCache::reset(core::Cache& meta, uint32_t seq) {
+  sync(meta);
   meta.reset(seq);
   push_state(meta);
 }
 
 void DeviceCache::set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host) {
+  sync(meta);
   meta.set_k_center(seq, mu_host);
   push_state(meta);
 }
 
 void DeviceCache::upload(const core::Cache& src, core::Cache& meta) {
   if (!src.host_storage()) invalid("src: must be a host cache to upload from");
+  sync(meta);
   auto st = static_cast<cudaStream_t>(stream_);
   const size_t rows = size_t(seqs_) * hkv_ * cap_;
   for (int w = 0; w < 2; ++w) {
@@ -190,7 +220,13 @@ void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
     if (sb) TQKV_CUDA_CHECK(cudaMemcpyAsync(h.scales.get(), p.scales, rows * sb, cudaMemcpyDeviceToHost, st));
   }
   TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
-  for (uint32_t s = 0; s < seqs_; ++s) dst.restore(s, meta.length(s), meta.k_center(s));
+  check_no_failure();
+  const std::vector<float> mu = device_centers();
+  for (uint32_t s = 0; s < seqs_; ++s) {
+    const float* c = meta.k_center(s);
+    if (c && center_serial_[s]) c = mu.data() + size_t(s) * hkv_ * d_;  // defined by an asynchronous append
+    dst.restore(s, meta.length(s), c);
+  }
 }
 
 void DeviceCache::grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what) {

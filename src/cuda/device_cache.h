@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/cache.h"
 #include "cuda/half_bytes.h"
@@ -30,7 +31,14 @@ struct DevPlane {
   float* boundaries = nullptr; // [levels - 1] (TQ types)
   bool lsq = false;
   HalfBytes tab;               // f16 codebook for the attention kernel (2/3/4-bit types)
+  uint8_t* lut = nullptr;      // the encoder's quantization table (cuda/quant_table.h)
+  uint32_t lut_size = 0, lut_off = 0;
+  float lut_scale = 0;
 };
+
+namespace enc {
+struct State;
+}
 
 class DeviceCache {
  public:
@@ -41,7 +49,8 @@ class DeviceCache {
   DeviceCache(const DeviceCache&) = delete;
   DeviceCache& operator=(const DeviceCache&) = delete;
 
-  void set_stream(void* stream) { stream_ = stream; }
+  // Waits for the old stream first, so that work queued there runs before the new stream's.
+  void set_stream(void* stream);
   void* stream() const { return stream_; }
   int device() const { return device_; }
   int sm_count() const { return sm_count_; }
@@ -52,14 +61,23 @@ class DeviceCache {
   const int64_t* lengths() const { return lengths_; } // [num_seqs], equal to the host lengths
   const float* centers() const { return centers_; }   // [num_seqs][kv_heads][head_dim]; zero = no key mean
 
-  // Appends counts[s] tokens to every sequence s (the layout of tqkv_cache_append_batch). k and v
-  // may be device or host memory. Checks every value before anything is written (a finite
-  // check on the device, then one synchronisation), so on error the cache is unchanged.
-  void append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v);
+  // Appends counts[s] tokens to every sequence s (the layout of tqkv_cache_append_batch). Every
+  // value is checked on the device before the append lands; a failed append changes nothing.
+  // Synchronous (async = false): reports an earlier asynchronous failure first (sync()), then
+  // waits for this append and reports its failure; k and v may be device or host memory.
+  // Asynchronous: k and v in device memory, nothing waits; the host bookkeeping counts the
+  // append at once and sync() reports a failure later, taking back it and every append after it.
+  void append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v,
+              bool async = false);
+  // Waits for the stream. If an asynchronous append failed since the last sync, brings the host
+  // bookkeeping back to the device's (which never took the failed append or any after it) and
+  // throws its error; fetches the key means that asynchronous appends defined.
+  void sync(core::Cache& meta);
   void reset(core::Cache& meta, uint32_t seq);
   void set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host);
 
   // Byte-for-byte copies between a host cache and this one (same configuration but backend).
+  // download throws while an asynchronous failure waits for sync().
   void upload(const core::Cache& host_src, core::Cache& meta);
   void download(const core::Cache& meta, core::Cache& host_dst) const;
 
@@ -76,11 +94,24 @@ class DeviceCache {
   float* signs_ = nullptr;
   int64_t* lengths_ = nullptr;
   float* centers_ = nullptr;
+  // The append pipeline (cuda/encode.h): its device state; serial numbers of the last append and
+  // of the last one sync() has seen.
+  enc::State* state_ = nullptr;
+  unsigned serial_ = 0, synced_ = 0;
+  std::vector<unsigned> center_serial_;  // [seq] append that defined its key mean, not fetched yet; 0: none
+  void* stage_event_ = nullptr;  // cudaEvent_t: the last upload from host_stage_ is done
+  struct SyncContext;             // the synchronous append being checked, for its error message
+  void sync_impl(core::Cache& meta, const SyncContext* ctx);
+  // The device's key means, [num_seqs][hkv][d], when center_serial_ marks any; else empty.
+  std::vector<float> device_centers() const;
+  // Throws the failure of an asynchronous append that sync() has not reported yet (after the
+  // caller waited for the stream).
+  void check_no_failure() const;
   void* staging_ = nullptr;  // host input copied here before encoding
   size_t staging_bytes_ = 0;
-  // Pinned host memory for append's tables (up) and its status and key means (down), so those
-  // copies are asynchronous DMA instead of staged pageable copies. Only append() uses it, and
-  // every append waits for its stream before returning, so it is free when an append starts.
+  // Pinned host memory for append's tables (up, when they do not fit the kernel parameters) and
+  // the pipeline state (down), so those copies are asynchronous DMA instead of staged pageable
+  // copies. An append waits for stage_event_ before writing it.
   uint8_t* host_stage(size_t bytes);
   void* host_stage_ = nullptr;
   size_t host_stage_bytes_ = 0;

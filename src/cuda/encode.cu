@@ -1,19 +1,8 @@
-// GPU encoder: DeviceCache::append. One pass over the input does every check and every row.
+// GPU encoder kernels: every check and every row of an append in one pass over the input, and
+// the block that decides whether the append lands (cuda/encode.h has the pipeline).
 //
-// Order on the cache's stream:
-//   1. per-append tables (sequence offsets, key-mean sources, quantization tables, the starting
-//      value of the error keys) uploaded to staging_ in one copy from pinned memory.
-//   2. key means of the sequences whose first append defines one (mean_partial, mean_final).
-//   3. encode_kernel: one launch for all tokens, heads, sequences, K and V. It encodes every row
-//      into a scratch area of staging_ (input order) and, on the way, records the first
-//      non-finite input value, dense f16 overflow or unrepresentable scale in the error keys.
-//   4. commit_kernel: if no flag is set, scatters the scratch rows and scales into their slots and
-//      updates the device lengths and key means; otherwise it writes nothing.
-//   5. error keys (and new key means) copied back to pinned memory, one synchronisation, then
-//      the host bookkeeping.
-// Encoding into scratch and committing afterwards reads the input once; a separate check pass
-// before encoding would read it twice, and the input is most of the traffic (bf16 K/V against
-// 4-bit rows). The commit re-reads only the encoded bytes, which are still in L2 at prefill sizes.
+// Encoding and deciding afterwards reads the input once; a separate check pass before encoding
+// would read it twice, and the input is most of the traffic (bf16 K/V against 4-bit rows).
 //
 // Exactness against the CPU encoder (core::encode_row), the reference for these bytes:
 // - the rotation is bit-identical: signs, the same butterflies (a+b, a-b on pairs (j, j+h) for
@@ -32,79 +21,50 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <string>
-#include <utility>
-#include <vector>
 
-#include "core/cache.h"
+#include "core/codec_ref.h"
 #include "core/error.h"
 #include "core/format.h"
-#include "core/half.h"
 #include "cuda/check.cuh"
-#include "cuda/warp_fwht.cuh"
-#include "cuda/device_cache.h"
+#include "cuda/encode.h"
 #include "cuda/quant_table.h"
-#include "cpu/encode.h"
+#include "cuda/warp_fwht.cuh"
 
-namespace tqkv::cuda {
+namespace tqkv::cuda::enc {
 namespace {
 
 constexpr unsigned kFull = 0xFFFFFFFFu;
 constexpr int kWarps = 8;  // warps per encode block
 constexpr int kThreads = kWarps * 32;
-constexpr uint32_t kMeanChunk = 256;  // tokens summed sequentially per key-mean partial
 
-// Error keys: atomicMin over (kind << kKindShift | flat input index) per tensor, so that a
-// non-finite input wins over overflows and, within a kind, the first position wins.
-constexpr unsigned long long kNoError = ~0ull;
-constexpr int kKindShift = 60;
-enum ErrorKind : unsigned long long { kNonFinite = 0, kDenseOverflow = 1, kScaleF16 = 2, kScaleF32 = 3 };
-
-// Lanes per row: d/LANES values per lane (16, or 8 at d = 64), so that most butterfly stages are
-// in registers and the double reductions cross few lanes. Several rows share a warp at d <= 256.
+// 32 values per lane (d/32 lanes per row, 32/(d/32) rows per warp), so that most butterfly stages
+// are in registers and the work done once per row (norm, scale, reductions), which every lane of
+// the row repeats, is shared by many values. Against 16 values per lane this measured 12% faster
+// at d = 128 and 10% at d = 256 on an H100; against 8 at d = 64, 34%.
 template <int D>
 struct Geo {
-  static constexpr int LANES = D == 64 ? 8 : D / 16;
+  static constexpr int LANES = D / 32;
   static constexpr int V = D / LANES;
   static constexpr int RPW = 32 / LANES;  // rows per warp
 };
 
-struct PlaneArgs {
-  uint32_t bits = 0;  // 2, 3, 4, 8; 0 = dense f16
-  uint32_t stride = 0;
-  bool lsq = false, scale_f16 = false;
-  const float* boundaries = nullptr;  // device, levels - 1
-  const float* centroids = nullptr;   // device, levels
-  // Quantization table (see Lut): cell k = round(u * lut_scale) holds the number of boundaries
-  // below the cell; one comparison with the next boundary finishes.
-  const uint8_t* lut = nullptr;
-  uint32_t lut_size = 0, lut_off = 0;
-  float lut_scale = 0;
-  uint8_t* rows = nullptr;            // scratch [R][stride], input row order
-  uint8_t* scales = nullptr;          // scratch [R] scales
+// The per-append tables wherever they are. t must be the kernel's __grid_constant__ parameter
+// (or live in device memory): the addresses of its arrays then point into parameter space.
+struct TabView {
+  const uint64_t* prefix;
+  const int64_t* start;
+  const int32_t* center;
+  const int32_t* def_seq;
 };
-
-struct EncodeArgs {
-  const void* in[2] = {nullptr, nullptr};  // device K, V input [tokens][hkv][d]
-  PlaneArgs plane[2];
-  uint64_t rows = 0;   // R = tokens * hkv per tensor
-  uint64_t tasks = 0;  // warp tasks per tensor: ceil(R / rows per warp)
-  uint32_t hkv = 0, num_seqs = 0;
-  bool centered = false;             // some sequence stores keys minus a mean
-  const uint64_t* prefix = nullptr;  // [num_seqs + 1] first input token of each sequence
-  const int32_t* center = nullptr;   // [num_seqs] -1 none, -2 centers, i >= 0 mu_new[i]
-  const float* centers = nullptr;    // DeviceCache::centers_
-  const float* mu_new = nullptr;     // [defining][hkv][d]
-  const float* signs = nullptr;
-  float inv_sqrt_d = 0;  // float(1 / sqrt(d)), as core/rotation.cpp
-  double sqrt_d = 0;
-  unsigned long long* flags = nullptr;  // [2] K, V
-};
+__device__ __forceinline__ TabView view(const Tables& t) {
+  if (t.inline_tabs) return {t.in.prefix, t.in.start, t.in.center, t.in.def_seq};
+  return {t.prefix, t.start, t.center, t.def_seq};
+}
 
 __device__ __forceinline__ uint32_t seq_of(const uint64_t* prefix, uint32_t num_seqs, uint64_t token) {
   // Last s with prefix[s] <= token; empty sequences before it are skipped by construction.
+  if (num_seqs == 1) return 0;
   uint32_t lo = 0, hi = num_seqs - 1;
   while (lo < hi) {
     const uint32_t mid = (lo + hi + 1) / 2;
@@ -115,6 +75,26 @@ __device__ __forceinline__ uint32_t seq_of(const uint64_t* prefix, uint32_t num_
 
 __device__ __forceinline__ void post(unsigned long long* flag, unsigned long long kind, uint64_t flat) {
   atomicMin(flag, (kind << kKindShift) | flat);
+}
+
+// Destination row of input row r (token-major: r = token * hkv + head), or false when a later
+// token of the same append takes its ring slot (the CPU path writes both in order; here only the
+// survivor is written).
+// 32-bit index arithmetic: R < 2^31 rows per append (append() checks). g: r's token, r / hkv.
+__device__ __forceinline__ bool dst_row(const TabView& tv, uint32_t num_seqs, uint32_t hkv, uint32_t cap, bool ring,
+                                        uint32_t r, uint32_t g, uint64_t& dst) {
+  const uint32_t s = seq_of(tv.prefix, num_seqs, g);
+  const uint32_t t = g - uint32_t(tv.prefix[s]), n = uint32_t(tv.prefix[s + 1] - tv.prefix[s]);
+  if (ring && n - t > cap) return false;
+  const int64_t pos = tv.start[s] + int64_t(t);
+  const uint32_t slot = ring ? static_cast<uint32_t>(pos % cap) : static_cast<uint32_t>(pos);
+  dst = fmt::row_index(s, r - g * hkv, slot, hkv, cap);
+  return true;
+}
+
+// The token of input row r (r < 2^31): a multiply-high instead of a division.
+__device__ __forceinline__ uint32_t token_of(const EncodeArgs& a, uint64_t r) {
+  return a.hkv == 1 ? uint32_t(r) : __umulhi(uint32_t(r), a.hkv_mul) >> a.hkv_shift;
 }
 
 template <int DT>
@@ -150,7 +130,7 @@ __device__ __forceinline__ void load_values(const void* base, uint64_t off, floa
 
 template <int NB>
 __device__ __forceinline__ void store_bytes(uint8_t* dst, const uint32_t* w) {
-  static_assert(NB == 1 || NB == 2 || NB == 4 || NB == 8 || NB == 16 || NB == 32, "store size");
+  static_assert(NB == 1 || NB == 2 || NB == 4 || NB == 8 || NB % 16 == 0, "store size");
   if constexpr (NB == 1) *dst = static_cast<uint8_t>(w[0]);
   else if constexpr (NB == 2) *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(w[0]);
   else if constexpr (NB == 4) *reinterpret_cast<uint32_t*>(dst) = w[0];
@@ -172,7 +152,7 @@ __device__ void report_non_finite(const EncodeArgs& a, int w, uint64_t r, int gl
 #pragma unroll
   for (int j = 0; j < V; ++j)
     if (!isfinite(x[j])) {
-      post(a.flags + w, kNonFinite, r * d + uint64_t(gl) * V + j);
+      post(a.fin.state->flags + w, kNonFinite, r * d + uint64_t(gl) * V + j);
       break;
     }
 }
@@ -180,8 +160,9 @@ __device__ void report_non_finite(const EncodeArgs& a, int w, uint64_t r, int gl
 // One TQ row per lane group: rotate, norm, quantize, scale, pack; all lanes of the warp call it
 // (shuffles), `valid` says whether this group's row exists.
 template <int D, int DT, int BITS>
-__device__ __forceinline__ void encode_tq(const EncodeArgs& a, int w, uint64_t r, bool valid, int gl,
-                                          uint32_t signs, const float* sb, const double* sc, const uint8_t* slut) {
+__device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv, int w, uint64_t r, bool valid,
+                                          int gl, uint32_t signs, const float* sb, const double* sc,
+                                          const uint8_t* slut) {
   constexpr int V = Geo<D>::V, LANES = Geo<D>::LANES;
   const PlaneArgs& p = a.plane[w];
   float x[V];
@@ -192,11 +173,11 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, int w, uint64_t r
     for (int j = 0; j < V; ++j) x[j] = 0.0f;
   }
   if (w == 0 && a.centered && valid) {
-    const uint32_t g = uint32_t(r) / a.hkv;
-    const uint32_t s = seq_of(a.prefix, a.num_seqs, g);
-    const int32_t src = a.center[s];
+    const uint32_t g = token_of(a, r);
+    const uint32_t s = seq_of(tv.prefix, a.num_seqs, g);
+    const int32_t src = tv.center[s];
     if (src != -1) {
-      const float* mu = (src == -2 ? a.centers + size_t(s) * a.hkv * D : a.mu_new + size_t(src) * a.hkv * D) +
+      const float* mu = (src == -2 ? a.centers + size_t(s) * a.hkv * D : a.fin.mu_new + size_t(src) * a.hkv * D) +
                         size_t(uint32_t(r) - g * a.hkv) * D + gl * V;
 #pragma unroll
       for (int j = 0; j < V; ++j) x[j] -= __ldg(mu + j);
@@ -226,13 +207,19 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, int w, uint64_t r
 #pragma unroll
   for (int i = 0; i < kWords; ++i) words[i] = 0;
   double yc = 0, cc = 0;
+  // 1.5 * 2^23 + the table's offset: t below is a float whose low mantissa bits are the cell.
+  const float magic = 12582912.0f + float(p.lut_off);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    const float u = zero ? 0.0f : x[j] * inv;
-    // round(u * 2^e) exactly (the fused add of 1.5 * 2^23 rounds to an integer once), then the
-    // cell's count of lower boundaries and one comparison: core::quantize's index.
-    const float t = fmaf(u, p.lut_scale, 12582912.0f);
-    const uint32_t cell = min(uint32_t(__float_as_int(t) - 0x4B400000 + int(p.lut_off)), p.lut_size - 1);
+    // inv is 0 for a zero row, so u is +-0 there: the index of 0, as on the CPU.
+    const float u = x[j] * inv;
+    // round(u * 2^e) exactly (the fused add rounds to an integer once; a tie may round either
+    // way, which the table allows), then the cell's count of lower boundaries and one
+    // comparison: core::quantize's index. The clamp only matters for a non-finite row (reported).
+    const float t = fmaf(u, p.lut_scale, magic);
+    const uint32_t cell = min(uint32_t(__float_as_int(t) - 0x4B400000), p.lut_size - 1);
+    // Three small loads that hit few distinct words (no bank conflicts); one 16-byte table entry
+    // holding boundary and both centroids measured 3% slower (its loads conflict).
     const uint32_t lo = slut[cell];
     const uint32_t idx = lo + (u > sb[lo] ? 1u : 0u);
     const double c = sc[idx];
@@ -254,17 +241,18 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, int w, uint64_t r
     }
     s = a.sqrt_d * yc / cc;
   }
-  if (!valid) return;
-  uint8_t* row = p.rows + r * p.stride;
+  uint64_t at = r;
+  if (!valid || (a.direct && !dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, uint32_t(r), token_of(a, r), at))) return;
+  uint8_t* row = p.rows + at * p.stride;
   if (gl == 0) {
     const float sf = zero ? 0.0f : static_cast<float>(s);
-    if (!isfinite(sf)) post(a.flags + w, kScaleF32, r * D);
+    if (!isfinite(sf)) post(a.fin.state->flags + w, kScaleF32, r * D);
     if (p.scale_f16) {
       const uint16_t h = __half_as_ushort(__float2half_rn(sf));
-      if ((h & 0x7C00u) == 0x7C00u && isfinite(sf)) post(a.flags + w, kScaleF16, r * D);
-      reinterpret_cast<uint16_t*>(p.scales)[r] = h;
+      if ((h & 0x7C00u) == 0x7C00u && isfinite(sf)) post(a.fin.state->flags + w, kScaleF16, r * D);
+      reinterpret_cast<uint16_t*>(p.scales)[at] = h;
     } else {
-      reinterpret_cast<float*>(p.scales)[r] = sf;
+      reinterpret_cast<float*>(p.scales)[at] = sf;
     }
   }
   if constexpr (BITS == 3) {
@@ -284,9 +272,11 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, int w, uint64_t r
 
 // Dense f16 row: the values rounded to nearest even, never rotated or centered.
 template <int D, int DT>
-__device__ __forceinline__ void encode_f16(const EncodeArgs& a, int w, uint64_t r, bool valid, int gl) {
+__device__ __forceinline__ void encode_f16(const EncodeArgs& a, const TabView& tv, int w, uint64_t r, bool valid,
+                                           int gl) {
   constexpr int V = Geo<D>::V;
-  if (!valid) return;
+  uint64_t at = r;
+  if (!valid || (a.direct && !dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, uint32_t(r), token_of(a, r), at))) return;
   float x[V];
   load_values<DT, V>(a.in[w], r * D + uint64_t(gl) * V, x);
   uint32_t words[V / 2];
@@ -300,15 +290,89 @@ __device__ __forceinline__ void encode_f16(const EncodeArgs& a, int w, uint64_t 
     }
     if (j % 2 == 0) words[j / 2] = h; else words[j / 2] |= h << 16;
   }
-  if (bad_nf != kNoError) post(a.flags + w, kNonFinite, bad_nf);
-  if (bad_of != kNoError) post(a.flags + w, kDenseOverflow, bad_of);
-  store_bytes<V * 2>(a.plane[w].rows + r * a.plane[w].stride + gl * V * 2, words);
+  if (bad_nf != kNoError) post(a.fin.state->flags + w, kNonFinite, bad_nf);
+  if (bad_of != kNoError) post(a.fin.state->flags + w, kDenseOverflow, bad_of);
+  store_bytes<V * 2>(a.plane[w].rows + at * a.plane[w].stride + gl * V * 2, words);
 }
 
-// Four blocks per SM (64 registers) where that costs no spills: the kernel is latency bound.
+// The block that finishes last (blocks: the grid's size) commits the append, or records its
+// failure; then it makes State ready for the next append. Every thread of every block calls it.
+__device__ void decide(const Finish& f, const TabView& tv, uint32_t num_seqs, uint32_t hkv, unsigned blocks) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's rows and error keys before its ticket
+    last = atomicAdd(&f.state->ticket, 1u) == blocks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  State* st = f.state;
+  const unsigned long long k0 = atomicOr(&st->flags[0], 0ull), k1 = atomicOr(&st->flags[1], 0ull);
+  if (k0 == kNoError && k1 == kNoError) {
+    for (uint32_t s = threadIdx.x; s < num_seqs; s += blockDim.x)
+      f.lengths[s] = tv.start[s] + int64_t(tv.prefix[s + 1] - tv.prefix[s]);
+    for (uint64_t i = threadIdx.x; i < uint64_t(f.ndef) * f.cols; i += blockDim.x)
+      f.centers[uint64_t(tv.def_seq[i / f.cols]) * f.cols + i % f.cols] = f.mu_new[i];
+  } else if (threadIdx.x == 0) {
+    // The error of the earliest sequence, K before V (the CPU path's order).
+    constexpr unsigned long long kFlat = (1ull << kKindShift) - 1;
+    const uint32_t s0 = k0 == kNoError ? ~0u : seq_of(tv.prefix, num_seqs, (k0 & kFlat) / f.d / hkv);
+    const uint32_t s1 = k1 == kNoError ? ~0u : seq_of(tv.prefix, num_seqs, (k1 & kFlat) / f.d / hkv);
+    const bool k_first = k0 != kNoError && s0 <= s1;
+    const unsigned long long key = k_first ? k0 : k1, flat = key & kFlat;
+    const uint32_t seq = k_first ? s0 : s1;
+    st->failed = f.serial;
+    st->rows_back += f.rows2;
+    st->w = k_first ? 0u : 1u;
+    st->kind = unsigned(key >> kKindShift);
+    st->seq = seq;
+    st->token = flat / f.d / hkv - tv.prefix[seq];
+    st->head = unsigned(flat / f.d % hkv);
+    st->coord = unsigned(flat % f.d);
+    st->flat = flat;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    st->flags[0] = st->flags[1] = kNoError;
+    st->ticket = 0;
+  }
+}
+
+// After a failed append nothing lands until the host has read the failure. counts: this kernel
+// would have decided, so it counts the skipped append.
+__device__ __forceinline__ bool skipped(const Finish& f, bool counts) {
+  if (*static_cast<volatile unsigned*>(&f.state->failed) == 0) return false;
+  if (counts && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+    atomicAdd(&f.state->dropped, 1u);
+    atomicAdd(&f.state->rows_back, static_cast<unsigned long long>(f.rows2));
+  }
+  return true;
+}
+
+// Two blocks per SM: 128 registers for 32 values per lane.
 template <int D, int DT>
-__global__ void __launch_bounds__(kThreads, D == 64 || (D == 128 && DT != TQKV_DTYPE_F32) ? 4 : 3) encode_kernel(const __grid_constant__ EncodeArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_constant__ EncodeArgs a) {
   using G = Geo<D>;
+  if (skipped(a.fin, a.direct)) return;
+  TabView tv = view(a.tabs);
+  // Inline tables move to shared memory: rows look up their sequence there (parameter space
+  // read through a generic pointer is slow for per-lane indices).
+  __shared__ uint64_t s_prefix[kTabSeqs + 1];
+  __shared__ int64_t s_start[kTabSeqs];
+  __shared__ int32_t s_center[kTabSeqs];
+  if (a.tabs.inline_tabs) {
+    for (uint32_t i = threadIdx.x; i <= a.num_seqs; i += blockDim.x) {
+      s_prefix[i] = tv.prefix[i];
+      if (i < a.num_seqs) {
+        s_start[i] = tv.start[i];
+        s_center[i] = tv.center[i];
+      }
+    }
+    tv.prefix = s_prefix;
+    tv.start = s_start;
+    tv.center = s_center;
+  }
   __shared__ float s_b[2][256];  // boundaries, then +inf (the table's last comparison)
   __shared__ double s_c[2][256];
   __shared__ uint8_t s_lut[2][kLutMax];
@@ -333,104 +397,75 @@ __global__ void __launch_bounds__(kThreads, D == 64 || (D == 128 && DT != TQKV_D
     const uint64_t r = (task - (w ? a.tasks : 0)) * G::RPW + group;
     const bool valid = r < a.rows;
     switch (a.plane[w].bits) {
-      case 2: encode_tq<D, DT, 2>(a, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
-      case 3: encode_tq<D, DT, 3>(a, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
-      case 4: encode_tq<D, DT, 4>(a, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
-      case 8: encode_tq<D, DT, 8>(a, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
-      default: encode_f16<D, DT>(a, w, r, valid, gl); break;
+      case 2: encode_tq<D, DT, 2>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
+      case 3: encode_tq<D, DT, 3>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
+      case 4: encode_tq<D, DT, 4>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
+      case 8: encode_tq<D, DT, 8>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w]); break;
+      default: encode_f16<D, DT>(a, tv, w, r, valid, gl); break;
     }
   }
+  if (a.direct) decide(a.fin, tv, a.num_seqs, a.hkv, gridDim.x);
 }
 
 // Key means, summed in double per (kv head, coordinate) like Cache::encode: each partial sums up
-// to kMeanChunk tokens in order, the final pass adds the partials in order.
+// to kMeanChunk tokens in order, the final pass adds the partials in order. first: the first
+// defining sequence of this launch (grid limits).
 template <int DT>
-__global__ void mean_partial(const void* k, const uint64_t* prefix, const int32_t* def_seq, uint32_t cols,
-                             uint32_t chunks, double* partial) {
-  const uint32_t col = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y, di = blockIdx.z;
-  if (col >= cols) return;
-  const uint32_t s = uint32_t(def_seq[di]);
-  const uint64_t t0 = prefix[s] + uint64_t(ch) * kMeanChunk, t1 = min(t0 + kMeanChunk, prefix[s + 1]);
+__global__ void mean_partial(const __grid_constant__ MeanArgs m, uint32_t first) {
+  const uint32_t col = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y, di = first + blockIdx.z;
+  if (col >= m.cols) return;
+  const TabView tv = view(m.tabs);
+  const uint32_t s = uint32_t(tv.def_seq[di]);
+  const uint64_t t0 = tv.prefix[s] + uint64_t(ch) * kMeanChunk, t1 = min(t0 + kMeanChunk, tv.prefix[s + 1]);
   double sum = 0;
 #pragma unroll 8
   for (uint64_t t = t0; t < t1; ++t) {
-    const uint64_t i = t * cols + col;
+    const uint64_t i = t * m.cols + col;
     float x;
-    if constexpr (DT == TQKV_DTYPE_F32) x = static_cast<const float*>(k)[i];
-    else x = from16<DT>(static_cast<const uint16_t*>(k)[i]);
+    if constexpr (DT == TQKV_DTYPE_F32) x = static_cast<const float*>(m.k)[i];
+    else x = from16<DT>(static_cast<const uint16_t*>(m.k)[i]);
     sum += double(x);
   }
-  partial[(uint64_t(di) * chunks + ch) * cols + col] = sum;
+  m.partial[(uint64_t(blockIdx.z) * m.chunks + ch) * m.cols + col] = sum;
 }
 
-__global__ void mean_final(const double* partial, const uint64_t* prefix, const int32_t* def_seq, uint32_t cols,
-                           uint32_t chunks, float* mu) {
-  const uint32_t col = blockIdx.x * blockDim.x + threadIdx.x, di = blockIdx.y;
-  if (col >= cols) return;
-  const uint32_t s = uint32_t(def_seq[di]);
-  const uint64_t n = prefix[s + 1] - prefix[s];
+__global__ void mean_final(const __grid_constant__ MeanArgs m, uint32_t first) {
+  const uint32_t col = blockIdx.x * blockDim.x + threadIdx.x, di = first + blockIdx.y;
+  if (col >= m.cols) return;
+  const TabView tv = view(m.tabs);
+  const uint32_t s = uint32_t(tv.def_seq[di]);
+  const uint64_t n = tv.prefix[s + 1] - tv.prefix[s];
   const uint64_t used = (n + kMeanChunk - 1) / kMeanChunk;
   double sum = 0;
-  for (uint64_t ch = 0; ch < used; ++ch) sum += partial[(uint64_t(di) * chunks + ch) * cols + col];
-  mu[uint64_t(di) * cols + col] = static_cast<float>(sum / double(n));
-}
-
-struct CommitArgs {
-  const uint8_t* rows[2] = {nullptr, nullptr};    // scratch
-  const uint8_t* scales[2] = {nullptr, nullptr};  // scratch
-  uint8_t* dst_rows[2] = {nullptr, nullptr};
-  uint8_t* dst_scales[2] = {nullptr, nullptr};
-  uint32_t stride[2] = {0, 0}, sb[2] = {0, 0};
-  uint32_t nrows = 0;  // R < 2^32 (append() checks)
-  uint32_t hkv = 0, cap = 0, num_seqs = 0;
-  bool ring = false;
-  const uint64_t* prefix = nullptr;
-  const int64_t* start = nullptr;  // [num_seqs] length before this append
-  const int32_t* def_seq = nullptr;
-  uint32_t ndef = 0, cols = 0;
-  const float* mu_new = nullptr;
-  float* centers = nullptr;
-  int64_t* lengths = nullptr;
-  const unsigned long long* flags = nullptr;
-};
-
-// Destination row of scratch row r, or false when a later token of the same append takes its
-// ring slot (the CPU path writes both in order; here only the survivor is written).
-__device__ __forceinline__ bool dst_row(const CommitArgs& a, uint32_t r, uint64_t& dst) {
-  const uint32_t g = r / a.hkv;
-  const uint32_t s = seq_of(a.prefix, a.num_seqs, g);
-  const uint64_t t = g - a.prefix[s], n = a.prefix[s + 1] - a.prefix[s];
-  if (a.ring && n - t > a.cap) return false;
-  const int64_t pos = a.start[s] + int64_t(t);
-  const uint32_t slot = static_cast<uint32_t>(a.ring ? pos % a.cap : pos);
-  dst = fmt::row_index(s, r - g * a.hkv, slot, a.hkv, a.cap);
-  return true;
+  for (uint64_t ch = 0; ch < used; ++ch) sum += m.partial[(uint64_t(blockIdx.y) * m.chunks + ch) * m.cols + col];
+  m.mu[uint64_t(di) * m.cols + col] = static_cast<float>(sum / double(n));
 }
 
 // One thread per 16 bytes of a scratch row (blockIdx.y: K or V); the first of a row also moves
 // its scale. Many small independent copies keep enough loads in flight.
 __global__ void commit_kernel(const __grid_constant__ CommitArgs a) {
-  if (a.flags[0] != kNoError || a.flags[1] != kNoError) return;  // a failed append writes nothing
+  if (skipped(a.fin, true)) return;
+  const TabView tv = view(a.tabs);
+  const State* st = a.fin.state;
+  // A failed append writes nothing; decide() then records the failure.
+  const bool ok = st->flags[0] == kNoError && st->flags[1] == kNoError;
   const int w = blockIdx.y;
+  const PlaneArgs& p = a.plane[w];
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x, nthreads = gridDim.x * blockDim.x;
-  const uint32_t per_row = a.stride[w] / 16, n = a.nrows * per_row;
+  const uint32_t per_row = p.stride / 16, n = ok ? a.nrows * per_row : 0;
   for (uint32_t i = tid; i < n; i += nthreads) {
     const uint32_t r = i / per_row, part = i - r * per_row;
     uint64_t dst;
-    if (!dst_row(a, r, dst)) continue;
-    reinterpret_cast<uint4*>(a.dst_rows[w] + dst * a.stride[w])[part] =
-        reinterpret_cast<const uint4*>(a.rows[w] + uint64_t(r) * a.stride[w])[part];
+    if (!dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, r, r / a.hkv, dst)) continue;
+    reinterpret_cast<uint4*>(p.dst_rows + dst * p.stride)[part] =
+        reinterpret_cast<const uint4*>(p.rows + uint64_t(r) * p.stride)[part];
     if (part != 0) continue;
-    if (a.sb[w] == 4)
-      reinterpret_cast<float*>(a.dst_scales[w])[dst] = reinterpret_cast<const float*>(a.scales[w])[r];
-    else if (a.sb[w] == 2)
-      reinterpret_cast<uint16_t*>(a.dst_scales[w])[dst] = reinterpret_cast<const uint16_t*>(a.scales[w])[r];
+    if (p.sb == 4)
+      reinterpret_cast<float*>(p.dst_scales)[dst] = reinterpret_cast<const float*>(p.scales)[r];
+    else if (p.sb == 2)
+      reinterpret_cast<uint16_t*>(p.dst_scales)[dst] = reinterpret_cast<const uint16_t*>(p.scales)[r];
   }
-  if (w != 0) return;
-  for (uint32_t s = tid; s < a.num_seqs; s += nthreads)
-    a.lengths[s] = a.start[s] + int64_t(a.prefix[s + 1] - a.prefix[s]);
-  for (uint64_t i = tid; i < uint64_t(a.ndef) * a.cols; i += nthreads)
-    a.centers[uint64_t(a.def_seq[i / a.cols]) * a.cols + i % a.cols] = a.mu_new[i];
+  decide(a.fin, tv, a.num_seqs, a.hkv, gridDim.x * gridDim.y);
 }
 
 template <typename K>
@@ -441,7 +476,9 @@ int resident_blocks(K kernel, int threads) {
 }
 
 template <int D, int DT>
-void launch_encode(const EncodeArgs& a, int sm_count, cudaStream_t st) {
+void launch_encode_t(const EncodeArgs& a, int sm_count, cudaStream_t st) {
+  // Never more blocks than are resident at once: every block must have started (and read State)
+  // before the last one to finish decides.
   static const int per_sm = resident_blocks(encode_kernel<D, DT>, kThreads);
   const uint64_t want = (2 * a.tasks + kWarps - 1) / kWarps;
   const unsigned blocks = static_cast<unsigned>(std::min<uint64_t>(want, uint64_t(per_sm) * uint64_t(sm_count)));
@@ -452,305 +489,59 @@ void launch_encode(const EncodeArgs& a, int sm_count, cudaStream_t st) {
 template <int DT>
 void launch_encode_d(uint32_t d, const EncodeArgs& a, int sm_count, cudaStream_t st) {
   switch (d) {
-    case 64: return launch_encode<64, DT>(a, sm_count, st);
-    case 128: return launch_encode<128, DT>(a, sm_count, st);
-    case 256: return launch_encode<256, DT>(a, sm_count, st);
-    case 512: return launch_encode<512, DT>(a, sm_count, st);
+    case 64: return launch_encode_t<64, DT>(a, sm_count, st);
+    case 128: return launch_encode_t<128, DT>(a, sm_count, st);
+    case 256: return launch_encode_t<256, DT>(a, sm_count, st);
+    case 512: return launch_encode_t<512, DT>(a, sm_count, st);
     default: fail(TQKV_ERROR_INTERNAL, "cuda encode: head_dim " + std::to_string(d));
   }
 }
 
 template <int DT>
-void launch_mean(const void* k, const uint64_t* prefix, const int32_t* def_seq, uint32_t ndef, uint32_t cols,
-                 uint32_t chunks, double* partial, float* mu, cudaStream_t st) {
+void launch_means_t(const MeanArgs& m, cudaStream_t st) {
   const dim3 block(128);
-  const uint32_t xblocks = (cols + 127) / 128;
-  for (uint32_t first = 0; first < ndef; first += 65535) {  // grid y and z limits
-    const uint32_t n = std::min(ndef - first, 65535u);
-    mean_partial<DT><<<dim3(xblocks, chunks, n), block, 0, st>>>(k, prefix, def_seq + first, cols, chunks, partial);
+  const uint32_t xblocks = (m.cols + 127) / 128;
+  for (uint32_t first = 0; first < m.ndef; first += 65535) {  // grid y and z limits
+    const uint32_t n = std::min(m.ndef - first, 65535u);
+    mean_partial<DT><<<dim3(xblocks, m.chunks, n), block, 0, st>>>(m, first);
     TQKV_CUDA_LAUNCHED("mean_partial");
-    mean_final<<<dim3(xblocks, n), block, 0, st>>>(partial, prefix, def_seq + first, cols, chunks,
-                                                   mu + size_t(first) * cols);
+    mean_final<<<dim3(xblocks, n), block, 0, st>>>(m, first);
     TQKV_CUDA_LAUNCHED("mean_final");
   }
 }
 
-size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
-
-float input_value(const void* base, tqkv_dtype dtype, uint64_t i) {
-  // Error path only: one element of the caller's input, wherever it lives.
-  const size_t es = dtype == TQKV_DTYPE_F32 ? 4 : 2;
-  uint8_t b[4] = {0, 0, 0, 0};
-  const uint8_t* src = static_cast<const uint8_t*>(base) + i * es;
-  if (on_device(base)) {
-    if (cudaMemcpy(b, src, es, cudaMemcpyDeviceToHost) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return std::nanf("");
-    }
-  } else {
-    std::memcpy(b, src, es);
-  }
-  float f = 0;
-  cpu::to_f32(dtype, b, 1, &f);
-  return f;
-}
-
 }  // namespace
 
-void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v) {
-  // Validation in the order of core::Cache::append_batch, before anything is enqueued.
-  if (counts == nullptr) invalid("counts: NULL; must point to num_seqs token counts");
-  uint64_t total = 0;
-  for (uint32_t s = 0; s < seqs_; ++s) total += counts[s];
-  if (dtype != TQKV_DTYPE_F32 && dtype != TQKV_DTYPE_F16 && dtype != TQKV_DTYPE_BF16)
-    invalid("dtype: " + std::to_string(int(dtype)) + " is not an input type; allowed: 0 (f32), 1 (f16), 2 (bf16)");
-  if (total > 0 && k == nullptr) invalid("k: NULL; must point to the new keys");
-  if (total > 0 && v == nullptr) invalid("v: NULL; must point to the new values");
-  for (uint32_t s = 0; s < seqs_; ++s) meta.check_room(s, counts[s]);
-  if (total == 0) return;
-  if (total * hkv_ * (std::max(k_.stride, v_.stride) / 16) >= (1ull << 32))
-    fail(TQKV_ERROR_UNSUPPORTED, "append: " + std::to_string(total) + " tokens x " + std::to_string(hkv_) +
-                                     " kv heads is too much for one call (2^32 16-byte row pieces); split it");
-
-  auto st = static_cast<cudaStream_t>(stream_);
-  const size_t es = dtype == TQKV_DTYPE_F32 ? 4 : 2;
-  const uint64_t R = total * hkv_;
-  const size_t in_bytes = size_t(R) * d_ * es;
-  const uint32_t cols = hkv_ * d_;
-
-  // Per-append tables: token offsets, lengths before the append, key-mean sources.
-  std::vector<uint64_t> prefix(seqs_ + 1, 0);
-  std::vector<int64_t> start(seqs_);
-  std::vector<int32_t> center(seqs_, -1), def_seq;
-  uint64_t max_def_tokens = 0;
-  for (uint32_t s = 0; s < seqs_; ++s) {
-    prefix[s + 1] = prefix[s] + counts[s];
-    start[s] = meta.length(s);
-    if (!fmt::is_tq(k_.type)) continue;  // dense K is stored as it is
-    if (meta.k_center(s) != nullptr) {
-      center[s] = -2;
-    } else if (counts[s] > 0 && meta.defines_center(s)) {
-      center[s] = static_cast<int32_t>(def_seq.size());
-      def_seq.push_back(static_cast<int32_t>(s));
-      max_def_tokens = std::max<uint64_t>(max_def_tokens, counts[s]);
-    }
-  }
-  const uint32_t ndef = static_cast<uint32_t>(def_seq.size());
-  const uint32_t chunks = static_cast<uint32_t>((max_def_tokens + kMeanChunk - 1) / kMeanChunk);
-  if (chunks > 65535) fail(TQKV_ERROR_UNSUPPORTED, "append: a first append of more than 16776960 tokens to one "
-                                                   "sequence with k_center FIRST_APPEND is not supported on CUDA");
-  bool centered = false;
-  for (uint32_t s = 0; s < seqs_; ++s) centered = centered || center[s] != -1;
-
-  // staging_ layout; every part 256-byte aligned. Input in host memory, or device memory not
-  // aligned for vector loads, is copied in first.
-  const bool copy_in[2] = {!on_device(k) || reinterpret_cast<uintptr_t>(k) % 16 != 0,
-                           !on_device(v) || reinterpret_cast<uintptr_t>(v) % 16 != 0};
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off = align_up(off + bytes, 256);
-    return at;
-  };
-  const size_t o_in[2] = {copy_in[0] ? take(in_bytes) : 0, copy_in[1] ? take(in_bytes) : 0};
-  // Everything the kernels read from the host goes up in one copy: sequence tables, key-mean
-  // sources, quantization tables.
-  std::vector<uint8_t> tab;
-  auto put = [&](const void* src, size_t bytes) {
-    const size_t at = align_up(tab.size(), 16);
-    tab.resize(at + bytes);
-    if (bytes) std::memcpy(tab.data() + at, src, bytes);
-    return at;
-  };
-  const size_t t_prefix = put(prefix.data(), prefix.size() * sizeof(uint64_t));
-  const size_t t_start = put(start.data(), start.size() * sizeof(int64_t));
-  const size_t t_center = put(center.data(), center.size() * sizeof(int32_t));
-  const size_t t_def = put(def_seq.data(), def_seq.size() * sizeof(int32_t));
-  // The error keys start at "no error" with the tables: no separate memset on the stream.
-  const unsigned long long no_error[2] = {kNoError, kNoError};
-  const size_t t_flags = put(no_error, sizeof no_error);
-  const Lut* luts[2] = {nullptr, nullptr};
-  size_t t_lut[2] = {0, 0};
-  for (int w = 0; w < 2; ++w) {
-    const core::Plane& hp = meta.plane(w);
-    if (!fmt::is_tq(hp.type)) continue;
-    luts[w] = &lut_for(hp.codec.cb, d_);
-    t_lut[w] = put(luts[w]->cells.data(), luts[w]->cells.size());
-  }
-  const size_t o_tab = take(tab.size());
-  const size_t o_partial = take(size_t(std::min(ndef, 65535u)) * chunks * cols * sizeof(double));
-  const size_t o_mu = take(size_t(ndef) * cols * sizeof(float));
-  const DevPlane* planes[2] = {&k_, &v_};
-  size_t o_rows[2], o_scales[2];
-  for (int w = 0; w < 2; ++w) {
-    o_rows[w] = take(size_t(R) * planes[w]->stride);
-    o_scales[w] = take(size_t(R) * fmt::scale_bytes(planes[w]->type, planes[w]->scale_f16));
-  }
-  if (off > staging_bytes_) {
-    TQKV_CUDA_CHECK(cudaStreamSynchronize(st));  // earlier work on the stream may still read it
-    grow(staging_, staging_bytes_, off, false, "append staging");
-  }
-  uint8_t* stage = static_cast<uint8_t*>(staging_);
-  auto* flags = reinterpret_cast<unsigned long long*>(stage + o_tab + t_flags);
-  // Pinned: the tables going up, then the error keys and new key means coming back.
-  const size_t h_flags = align_up(tab.size(), 16), h_mu = h_flags + sizeof no_error;
-  uint8_t* host = host_stage(h_mu + size_t(ndef) * cols * sizeof(float));
-  std::memcpy(host, tab.data(), tab.size());
-  const float* mu_host = reinterpret_cast<const float*>(host + h_mu);
-
-  try {
-    const void* in[2] = {k, v};
-    for (int w = 0; w < 2; ++w)
-      if (copy_in[w]) {
-        TQKV_CUDA_CHECK(cudaMemcpyAsync(stage + o_in[w], in[w], in_bytes, cudaMemcpyDefault, st));
-        in[w] = stage + o_in[w];
-      }
-    TQKV_CUDA_CHECK(cudaMemcpyAsync(stage + o_tab, host, tab.size(), cudaMemcpyHostToDevice, st));
-    const uint8_t* dtab = stage + o_tab;
-    const auto* d_prefix = reinterpret_cast<const uint64_t*>(dtab + t_prefix);
-    const auto* d_def = reinterpret_cast<const int32_t*>(dtab + t_def);
-    auto* d_mu = reinterpret_cast<float*>(stage + o_mu);
-    if (ndef > 0) {
-      auto* partial = reinterpret_cast<double*>(stage + o_partial);
-      switch (dtype) {
-        case TQKV_DTYPE_F32: launch_mean<TQKV_DTYPE_F32>(in[0], d_prefix, d_def, ndef, cols, chunks, partial, d_mu, st); break;
-        case TQKV_DTYPE_F16: launch_mean<TQKV_DTYPE_F16>(in[0], d_prefix, d_def, ndef, cols, chunks, partial, d_mu, st); break;
-        default: launch_mean<TQKV_DTYPE_BF16>(in[0], d_prefix, d_def, ndef, cols, chunks, partial, d_mu, st); break;
-      }
-    }
-
-    EncodeArgs ea;
-    ea.rows = R;
-    const uint32_t rpw = d_ == 64 ? Geo<64>::RPW : d_ == 128 ? Geo<128>::RPW : d_ == 256 ? Geo<256>::RPW : Geo<512>::RPW;
-    ea.tasks = (R + rpw - 1) / rpw;
-    ea.hkv = hkv_;
-    ea.num_seqs = seqs_;
-    ea.centered = centered;
-    ea.prefix = d_prefix;
-    ea.center = reinterpret_cast<const int32_t*>(dtab + t_center);
-    ea.centers = centers_;
-    ea.mu_new = d_mu;
-    ea.signs = signs_;
-    ea.inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
-    ea.sqrt_d = std::sqrt(static_cast<double>(d_));
-    ea.flags = flags;
-    CommitArgs ca;
-    for (int w = 0; w < 2; ++w) {
-      const DevPlane& p = *planes[w];
-      ea.in[w] = in[w];
-      PlaneArgs& pa = ea.plane[w];
-      pa.bits = fmt::is_tq(p.type) ? p.type : 0;
-      pa.stride = static_cast<uint32_t>(p.stride);
-      pa.lsq = p.lsq;
-      pa.scale_f16 = p.scale_f16;
-      pa.boundaries = p.boundaries;
-      pa.centroids = p.centroids;
-      if (luts[w]) {
-        pa.lut = dtab + t_lut[w];
-        pa.lut_size = static_cast<uint32_t>(luts[w]->cells.size());
-        pa.lut_off = luts[w]->off;
-        pa.lut_scale = luts[w]->scale;
-      }
-      pa.rows = stage + o_rows[w];
-      pa.scales = stage + o_scales[w];
-      ca.rows[w] = pa.rows;
-      ca.scales[w] = pa.scales;
-      ca.dst_rows[w] = p.data;
-      ca.dst_scales[w] = static_cast<uint8_t*>(p.scales);
-      ca.stride[w] = pa.stride;
-      ca.sb[w] = static_cast<uint32_t>(fmt::scale_bytes(p.type, p.scale_f16));
-    }
-    switch (dtype) {
-      case TQKV_DTYPE_F32: launch_encode_d<TQKV_DTYPE_F32>(d_, ea, sm_count_, st); break;
-      case TQKV_DTYPE_F16: launch_encode_d<TQKV_DTYPE_F16>(d_, ea, sm_count_, st); break;
-      default: launch_encode_d<TQKV_DTYPE_BF16>(d_, ea, sm_count_, st); break;
-    }
-
-    ca.nrows = static_cast<uint32_t>(R);
-    ca.hkv = hkv_;
-    ca.cap = cap_;
-    ca.num_seqs = seqs_;
-    ca.ring = meta.ring();
-    ca.prefix = d_prefix;
-    ca.start = reinterpret_cast<const int64_t*>(dtab + t_start);
-    ca.def_seq = d_def;
-    ca.ndef = ndef;
-    ca.cols = cols;
-    ca.mu_new = d_mu;
-    ca.centers = centers_;
-    ca.lengths = lengths_;
-    ca.flags = flags;
-    const uint64_t chunks = R * (std::max(k_.stride, v_.stride) / 16);
-    const auto cblocks = static_cast<unsigned>(std::min<uint64_t>((chunks + 255) / 256, uint64_t(sm_count_) * 16));
-    commit_kernel<<<dim3(cblocks, 2), 256, 0, st>>>(ca);
-    TQKV_CUDA_LAUNCHED("commit_kernel");
-
-    TQKV_CUDA_CHECK(cudaMemcpyAsync(host + h_flags, flags, sizeof no_error, cudaMemcpyDeviceToHost, st));
-    if (ndef > 0)
-      TQKV_CUDA_CHECK(cudaMemcpyAsync(host + h_mu, d_mu, size_t(ndef) * cols * sizeof(float), cudaMemcpyDeviceToHost, st));
-    TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
-  } catch (...) {
-    // Nothing may still be reading the host tables or writing mu_host once they are gone.
-    (void)cudaStreamSynchronize(st);
-    (void)cudaGetLastError();
-    throw;
-  }
-
-  unsigned long long key[2];
-  std::memcpy(key, host + h_flags, sizeof key);
-  if (key[0] != kNoError || key[1] != kNoError) {
-    // Report the error of the earliest sequence, K before V (the CPU path's order).
-    auto where = [&](unsigned long long kk, uint64_t& flat, uint32_t& s) {
-      flat = kk & ((1ull << kKindShift) - 1);
-      const uint64_t g = flat / d_ / hkv_;
-      s = static_cast<uint32_t>(std::upper_bound(prefix.begin(), prefix.end(), g) - prefix.begin() - 1);
-    };
-    int w = key[0] != kNoError ? 0 : 1;
-    if (key[0] != kNoError && key[1] != kNoError) {
-      uint64_t f0, f1;
-      uint32_t s0, s1;
-      where(key[0], f0, s0);
-      where(key[1], f1, s1);
-      w = s1 < s0 ? 1 : 0;
-    }
-    uint64_t flat;
-    uint32_t s;
-    where(key[w], flat, s);
-    const auto kind = static_cast<ErrorKind>(key[w] >> kKindShift);
-    const uint64_t g = flat / d_ / hkv_;
-    const std::string name = w == 0 ? "k" : "v";
-    const std::string tok = std::to_string(g - prefix[s]), head = std::to_string(flat / d_ % hkv_),
-                      coord = std::to_string(flat % d_), seq = std::to_string(s);
-    const std::string at = " at token " + tok + ", kv head " + head + ", coordinate " + coord + " of sequence " + seq;
-    const std::string row = " of token " + tok + ", kv head " + head + " of sequence " + seq;
-    const float x = kind <= kDenseOverflow ? input_value(w == 0 ? k : v, dtype, flat) : 0.0f;
-    switch (kind) {
-      case kNonFinite:
-        fail(TQKV_ERROR_NON_FINITE, name + ": non-finite value " + std::to_string(x) + at + "; nothing was appended");
-      case kDenseOverflow:
-        fail(TQKV_ERROR_NON_FINITE, name + ": value " + std::to_string(x) + at +
-                                        " overflows the f16 cache (largest finite f16 is 65504); nothing was appended");
-      case kScaleF16:
-        fail(TQKV_ERROR_NON_FINITE, name + ": row scale" + row +
-                                        " overflows the f16 scale type (largest 65504); use f32 scales; nothing was "
-                                        "appended");
-      default:
-        fail(TQKV_ERROR_NON_FINITE, name + ": row scale" + row + " is not representable as f32; nothing was appended");
-    }
-  }
-
-  // The device already holds the new rows, lengths and key means (commit_kernel); the host
-  // bookkeeping follows. If it threw, the device is brought back in line with the host.
-  try {
-    for (uint32_t i = 0; i < ndef; ++i)
-      meta.set_k_center(uint32_t(def_seq[i]), mu_host + size_t(i) * cols);
-    for (uint32_t s = 0; s < seqs_; ++s)
-      if (counts[s]) meta.advance(s, counts[s]);
-  } catch (...) {
-    push_state(meta);
-    throw;
-  }
-  core::counters().cuda_rows_encoded += R * 2;
+uint32_t rows_per_warp(uint32_t d) {
+  return d == 64 ? Geo<64>::RPW : d == 128 ? Geo<128>::RPW : d == 256 ? Geo<256>::RPW : Geo<512>::RPW;
 }
 
-}  // namespace tqkv::cuda
+void launch_means(tqkv_dtype dt, const MeanArgs& m, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dt) {
+    case TQKV_DTYPE_F32: return launch_means_t<TQKV_DTYPE_F32>(m, st);
+    case TQKV_DTYPE_F16: return launch_means_t<TQKV_DTYPE_F16>(m, st);
+    default: return launch_means_t<TQKV_DTYPE_BF16>(m, st);
+  }
+}
+
+void launch_encode(uint32_t d, tqkv_dtype dt, const EncodeArgs& a, int sm_count, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dt) {
+    case TQKV_DTYPE_F32: return launch_encode_d<TQKV_DTYPE_F32>(d, a, sm_count, st);
+    case TQKV_DTYPE_F16: return launch_encode_d<TQKV_DTYPE_F16>(d, a, sm_count, st);
+    default: return launch_encode_d<TQKV_DTYPE_BF16>(d, a, sm_count, st);
+  }
+}
+
+void launch_commit(const CommitArgs& a, int sm_count, void* stream) {
+  // 256 threads without shared memory: 8 blocks fit an SM, so 2 per SM are resident at once, as
+  // decide() needs.
+  const uint64_t chunks = uint64_t(a.nrows) * (std::max(a.plane[0].stride, a.plane[1].stride) / 16);
+  const auto x = static_cast<unsigned>(
+      std::max<uint64_t>(1, std::min<uint64_t>((chunks + 255) / 256, uint64_t(sm_count) * 2)));
+  commit_kernel<<<dim3(x, 2), 256, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  TQKV_CUDA_LAUNCHED("commit_kernel");
+}
+
+}  // namespace tqkv::cuda::enc

@@ -43,6 +43,7 @@ struct AppendBenchOptions {
   uint32_t warmup = 3, repeats = 15;
   double read_bw_gbps = 0;
   bool json = false;
+  bool async = false;  // cuda: tqkv_cache_append_batch_async, back to back
 };
 // Times one prefill-sized tqkv_cache_append_batch (cpu: host input; cuda: device input).
 nlohmann::json bench_append(const AppendBenchOptions& o);

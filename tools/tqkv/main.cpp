@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
   auto* app_bench = bench->add_subcommand(
       "append",
       "Prefill-sized tqkv_cache_append_batch: --tokens to each of --batch sequences, cache reset between repeats "
-      "(cpu: host input; cuda: device input, the call waits for its stream once by design)");
+      "(cpu: host input; cuda: device input, the call waits for its stream once; --async: it does not)");
   app_bench->add_option("--backend", ao.backend, "cpu or cuda")->capture_default_str();
   app_bench->add_option("--dim", ao.dim, "head_dim")->capture_default_str();
   app_bench->add_option("--kv-heads", ao.kv_heads, "KV heads")->capture_default_str();
@@ -111,6 +111,9 @@ int main(int argc, char** argv) {
   app_bench->add_option("--repeats", ao.repeats, "timed calls (median reported)")->capture_default_str();
   app_bench->add_option("--read-bw-gbps", ao.read_bw_gbps, "measured memory read bandwidth in GB/s")->capture_default_str();
   app_bench->add_flag("--json", ao.json, "print JSON");
+  app_bench->add_flag("--async", ao.async,
+                      "cuda: time --repeats asynchronous appends queued back to back (stream time per append; "
+                      "the cache holds all of them)");
 
   uint32_t md = 128, mh = 8;
   std::string mk = "4", mv = "4";
