@@ -183,8 +183,10 @@ TQKV_API void tqkv_cache_destroy(tqkv_cache* cache); /* NULL is a no-op */
 TQKV_API tqkv_status tqkv_cache_get_config(const tqkv_cache* cache, tqkv_cache_config* out);
 
 /* Appends n_tokens tokens to sequence seq. k and v are [n_tokens][num_kv_heads][head_dim] of
- * dtype, contiguous. All of the input is checked (finite, representable) before anything is
- * written; on any error the cache is unchanged. */
+ * dtype, contiguous. All of the input is checked (finite, representable) before the append lands;
+ * on any error the cache is unchanged: every stored position, length and key mean. (A CUDA
+ * append writes rows in place when no stored position is overwritten, so a failed one may leave
+ * bytes in slots past a sequence's length, which hold no position.) */
 TQKV_API tqkv_status tqkv_cache_append(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens,
                                        tqkv_dtype dtype, const void* k, const void* v);
 /* Appends counts[s] tokens to every sequence s at once. k and v hold the tokens of sequence 0,
