@@ -201,9 +201,15 @@ TQKV_API tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* 
  * the next call that waits for the stream (tqkv_cache_append/_batch, reset, set_k_center, copy
  * into the cache), which then does nothing else. Until then lengths count the appends, and every
  * append after a failed one is skipped on the device; reporting the error takes them all back,
- * so lengths and key means are those from before the failed append. Not allowed during CUDA
- * graph capture (the positions written are fixed at call time). On a CPU cache these are the
- * synchronous calls. */
+ * so lengths and key means are those from before the failed append. Rows land at the lengths
+ * the device holds when the append runs (and a linear cache's capacity is checked there too).
+ * CUDA graphs: an asynchronous append may be captured (a decode step: append, then attend), if
+ * the cache has at most 64 sequences and does not use k_center FIRST_APPEND (captured appends
+ * encode against the stored key means); each replay lands after the previous one. Replays are
+ * counted on the host (tqkv_cache_length) at the next tqkv_cache_sync, which also reports a
+ * replay that failed (TQKV_ERROR_CAPACITY when a linear cache is full). Make one asynchronous
+ * append of the captured shape before capturing (staging it may need is allocated then). A
+ * synchronous append cannot be captured. On a CPU cache these are the synchronous calls. */
 TQKV_API tqkv_status tqkv_cache_append_async(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens,
                                              tqkv_dtype dtype, const void* k, const void* v);
 TQKV_API tqkv_status tqkv_cache_append_batch_async(tqkv_cache* cache, const uint32_t* counts,

@@ -56,6 +56,9 @@ std::string describe(const enc::State& st, bool has_value, float value, const st
       return name + ": value" + val + at + " overflows the f16 cache (largest finite f16 is 65504)" + tail;
     case enc::kScaleF16:
       return name + ": row scale" + row + " overflows the f16 scale type (largest 65504); use f32 scales" + tail;
+    case enc::kCapacity:
+      return "append: token " + tok + " of sequence " + seq + " would be position " + std::to_string(st.flat) +
+             ", past the capacity (linear layout)" + tail;
     default: return name + ": row scale" + row + " is not representable as f32" + tail;
   }
 }
@@ -71,6 +74,9 @@ struct DeviceCache::SyncContext {
 
 void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v,
                          bool async) {
+  if (!async && capturing(stream_))  // before sync(), whose wait would break the capture
+    fail(TQKV_ERROR_UNSUPPORTED, "append: a synchronous append waits for its stream, which graph capture does not "
+                                 "allow; use tqkv_cache_append_batch_async");
   if (!async) sync(meta);
   // Validation in the order of core::Cache::append_batch, before anything is enqueued.
   if (counts == nullptr) invalid("counts: NULL; must point to num_seqs token counts");
@@ -87,13 +93,20 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
                                      " kv heads is too much for one call (2^31 16-byte row pieces); split it");
   // One pointer lookup each (cudaPointerGetAttributes costs about a microsecond).
   const bool k_dev = on_device(k), v_dev = on_device(v);
+  bool graph = false;  // captured into a CUDA graph: runs only when the graph is replayed
   if (async) {
     if (!k_dev) invalid("k: host memory; an asynchronous append reads device memory (tqkv_cache_append_batch copies host input)");
     if (!v_dev) invalid("v: host memory; an asynchronous append reads device memory (tqkv_cache_append_batch copies host input)");
-    if (capturing(stream_))
-      fail(TQKV_ERROR_UNSUPPORTED, "append: an asynchronous append cannot be captured in a CUDA graph (the positions "
-                                   "it writes are fixed when it is called); append outside the capture");
+    graph = capturing(stream_);
+    if (graph && seqs_ > enc::kTabSeqs)
+      fail(TQKV_ERROR_UNSUPPORTED, "append: a captured append takes at most " + std::to_string(enc::kTabSeqs) +
+                                       " sequences (num_seqs is " + std::to_string(seqs_) + "); append outside the capture");
+    if (graph && fmt::is_tq(k_.type) && meta.config().k_center == TQKV_CENTER_FIRST_APPEND)
+      fail(TQKV_ERROR_UNSUPPORTED, "append: k_center FIRST_APPEND: a first append replayed from a graph would have to "
+                                   "define the key mean, which a captured append cannot; use k_center NONE, or "
+                                   "tqkv_cache_set_k_center, or append outside the capture");
   }
+  if (graph) graph_appends_ = true;
 
   auto st = static_cast<cudaStream_t>(stream_);
   const size_t es = dtype == TQKV_DTYPE_F32 ? 4 : 2;
@@ -101,18 +114,20 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   const size_t in_bytes = size_t(R) * d_ * es;
   const uint32_t cols = hkv_ * d_;
 
-  // Per-append tables: token offsets, lengths before the append, key-mean sources.
+  // Per-append tables: token offsets and key-mean sources (the rows' positions come from the
+  // device lengths when the kernels run).
   std::vector<uint64_t> prefix(seqs_ + 1, 0);
-  std::vector<int64_t> start(seqs_);
   std::vector<int32_t> center(seqs_, -1), def_seq;
   uint64_t max_def_tokens = 0;
-  bool direct = true;  // no slot written holds a live row (cuda/encode.h)
+  // No slot written holds a live row (cuda/encode.h). The host lengths miss appends replayed
+  // from graphs, so after one a ring always takes the staged path.
+  bool direct = !(meta.ring() && graph_appends_);
   for (uint32_t s = 0; s < seqs_; ++s) {
     prefix[s + 1] = prefix[s] + counts[s];
-    start[s] = meta.length(s);
-    if (counts[s] && meta.ring() && start[s] + int64_t(counts[s]) > int64_t(cap_)) direct = false;
+    if (counts[s] && meta.ring() && meta.length(s) + int64_t(counts[s]) > int64_t(cap_)) direct = false;
     if (!fmt::is_tq(k_.type)) continue;  // dense K is stored as it is
-    if (meta.k_center(s) != nullptr) {
+    // A graph uses the stored mean whatever it is at replay (zero when none: the same bytes).
+    if (graph || meta.k_center(s) != nullptr) {
       center[s] = -2;
     } else if (counts[s] > 0 && meta.defines_center(s)) {
       center[s] = static_cast<int32_t>(def_seq.size());
@@ -131,7 +146,6 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   tabs.inline_tabs = seqs_ <= enc::kTabSeqs;
   if (tabs.inline_tabs) {
     std::copy(prefix.begin(), prefix.end(), tabs.in.prefix);
-    std::copy(start.begin(), start.end(), tabs.in.start);
     std::copy(center.begin(), center.end(), tabs.in.center);
     std::copy(def_seq.begin(), def_seq.end(), tabs.in.def_seq);
   }
@@ -154,10 +168,9 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     if (bytes) std::memcpy(tab.data() + at, src, bytes);
     return at;
   };
-  size_t t_prefix = 0, t_start = 0, t_center = 0, t_def = 0;
+  size_t t_prefix = 0, t_center = 0, t_def = 0;
   if (!tabs.inline_tabs) {
     t_prefix = put(prefix.data(), prefix.size() * sizeof(uint64_t));
-    t_start = put(start.data(), start.size() * sizeof(int64_t));
     t_center = put(center.data(), center.size() * sizeof(int32_t));
     t_def = put(def_seq.data(), def_seq.size() * sizeof(int32_t));
   }
@@ -166,18 +179,30 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   const size_t o_mu = take(size_t(ndef) * cols * sizeof(float));
   const DevPlane* planes[2] = {&k_, &v_};
   size_t o_rows[2] = {0, 0}, o_scales[2] = {0, 0};
-  if (!direct)
+  // A ring reserves the scratch even when this append writes in place: a later append of the
+  // same shape captured into a graph takes the staged path and cannot grow the staging then.
+  if (!direct || meta.ring())
     for (int w = 0; w < 2; ++w) {
       o_rows[w] = take(size_t(R) * planes[w]->stride);
       o_scales[w] = take(size_t(R) * fmt::scale_bytes(planes[w]->type, planes[w]->scale_f16));
     }
   if (off > staging_bytes_) {
+    if (graph)
+      fail(TQKV_ERROR_UNSUPPORTED, "append: this captured append needs " + std::to_string(off) +
+                                       " bytes of device staging and the cache has " + std::to_string(staging_bytes_) +
+                                       "; it cannot grow during capture: make one asynchronous append of the same "
+                                       "shape before capturing");
     TQKV_CUDA_CHECK(cudaStreamSynchronize(st));  // earlier work on the stream may still read it
     grow(staging_, staging_bytes_, off, false, "append staging");
   }
   uint8_t* stage = static_cast<uint8_t*>(staging_);
 
-  const unsigned serial = ++serial_ == 0 ? ++serial_ : serial_;  // 0 means "none" on the device
+  // 0 means "none" on the device, kGraphSerial "replayed from a graph".
+  unsigned serial = kGraphSerial;
+  if (!graph) {
+    serial = ++serial_;
+    if (serial == 0 || serial == kGraphSerial) serial = serial_ = 1;
+  }
   try {
     const void* in[2] = {k, v};
     for (int w = 0; w < 2; ++w)
@@ -193,7 +218,6 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
       TQKV_CUDA_CHECK(cudaMemcpyAsync(stage + o_tab, host, tab.size(), cudaMemcpyHostToDevice, st));
       TQKV_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(stage_event_), st));
       tabs.prefix = reinterpret_cast<const uint64_t*>(stage + o_tab + t_prefix);
-      tabs.start = reinterpret_cast<const int64_t*>(stage + o_tab + t_start);
       tabs.center = reinterpret_cast<const int32_t*>(stage + o_tab + t_center);
       tabs.def_seq = reinterpret_cast<const int32_t*>(stage + o_tab + t_def);
     }
@@ -213,7 +237,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     enc::Finish fin;
     fin.state = state_;
     fin.serial = serial;
-    fin.rows2 = R * 2;
+    fin.rows2 = graph ? 0 : R * 2;  // replays are not counted on the host
     fin.lengths = lengths_;
     fin.centers = centers_;
     fin.mu_new = d_mu;
@@ -293,6 +317,8 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     throw;
   }
 
+  // Replays are counted by the device alone; sync() brings the host lengths up to date.
+  if (graph) return;
   // The host counts the append now; sync() takes it back if the device refused it.
   for (uint32_t i = 0; i < ndef; ++i) {
     const std::vector<float> placeholder(cols, 0.0f);  // the device's mean is fetched by sync()
@@ -310,6 +336,12 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
 
 void DeviceCache::sync(core::Cache& meta) { sync_impl(meta, nullptr); }
 
+std::vector<int64_t> DeviceCache::device_lengths() const {
+  std::vector<int64_t> len(seqs_);
+  TQKV_CUDA_CHECK(cudaMemcpy(len.data(), lengths_, len.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+  return len;
+}
+
 std::vector<float> DeviceCache::device_centers() const {
   bool any = false;
   for (unsigned c : center_serial_) any = any || c != 0;
@@ -323,14 +355,17 @@ void DeviceCache::check_no_failure() const {
   enc::State rec{};
   TQKV_CUDA_CHECK(cudaMemcpy(&rec, state_, sizeof rec, cudaMemcpyDeviceToHost));
   if (rec.failed != 0)
-    fail(TQKV_ERROR_NON_FINITE,
+    fail(rec.kind == enc::kCapacity ? TQKV_ERROR_CAPACITY : TQKV_ERROR_NON_FINITE,
          describe(rec, false, 0.0f, "; an asynchronous append failed there and no tqkv_cache_sync has reported it "
                                     "yet: call it, which also brings the cache back to what it held before"));
 }
 
 void DeviceCache::sync_impl(core::Cache& meta, const SyncContext* ctx) {
+  if (capturing(stream_))  // waiting would invalidate the caller's capture
+    fail(TQKV_ERROR_UNSUPPORTED, "cache: this call waits for the cache's stream, which is being captured into a CUDA "
+                                 "graph; make it outside the capture");
   auto st = static_cast<cudaStream_t>(stream_);
-  if (serial_ == synced_) {  // no append since the last look
+  if (serial_ == synced_ && !graph_appends_) {  // no append since the last look
     TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
     return;
   }
@@ -349,15 +384,23 @@ void DeviceCache::sync_impl(core::Cache& meta, const SyncContext* ctx) {
         meta.restore(s, meta.length(s), mu.data() + size_t(s) * hkv_ * d_);
         center_serial_[s] = 0;
       }
+    if (graph_appends_) {  // replayed appends moved the device lengths
+      const std::vector<int64_t> len = device_lengths();
+      for (uint32_t s = 0; s < seqs_; ++s)
+        if (len[s] != meta.length(s)) {
+          std::vector<float> keep;
+          if (const float* c = meta.k_center(s)) keep.assign(c, c + size_t(hkv_) * d_);
+          meta.restore(s, len[s], keep.empty() ? nullptr : keep.data());
+        }
+    }
     return;
   }
 
   // Take back the failed append and every later one: the device has the lengths and key means
   // from before it (later appends were skipped there). Serial numbers count from base, so a
   // wrap of the counter between two syncs does not matter.
-  const unsigned failed_at = rec.failed - base;
-  std::vector<int64_t> len(seqs_);
-  TQKV_CUDA_CHECK(cudaMemcpy(len.data(), lengths_, len.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+  const unsigned failed_at = rec.failed == kGraphSerial ? ~0u : rec.failed - base;
+  const std::vector<int64_t> len = device_lengths();
   for (uint32_t s = 0; s < seqs_; ++s) {
     const float* c = meta.k_center(s);
     if (center_serial_[s]) c = center_serial_[s] - base < failed_at ? mu.data() + size_t(s) * hkv_ * d_ : nullptr;
@@ -376,16 +419,19 @@ void DeviceCache::sync_impl(core::Cache& meta, const SyncContext* ctx) {
   TQKV_CUDA_CHECK(cudaMemcpyAsync(state_, rec_host, sizeof clean, cudaMemcpyHostToDevice, st));
   TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
 
+  const tqkv_status code = rec.kind == enc::kCapacity ? TQKV_ERROR_CAPACITY : TQKV_ERROR_NON_FINITE;
   if (ctx && ctx->serial == rec.failed) {
     const bool has_value = rec.kind <= enc::kDenseOverflow;
     const float x = has_value ? input_value(rec.w == 0 ? ctx->k : ctx->v, ctx->dtype, rec.flat) : 0.0f;
-    fail(TQKV_ERROR_NON_FINITE, describe(rec, has_value, x, "; nothing was appended"));
+    fail(code, describe(rec, has_value, x, "; nothing was appended"));
   }
-  fail(TQKV_ERROR_NON_FINITE,
-       describe(rec, false, 0.0f,
-                ", in asynchronous append " + std::to_string(failed_at) + " of the " + std::to_string(made) +
-                    " made since the last sync; it and the " + std::to_string(rec.dropped) +
-                    " after it were not applied, so the cache holds what it held before it"));
+  const std::string which = rec.failed == kGraphSerial
+                                ? ", in an append replayed from a CUDA graph"
+                                : ", in asynchronous append " + std::to_string(failed_at) + " of the " +
+                                      std::to_string(made) + " made since the last sync";
+  fail(code, describe(rec, false, 0.0f,
+                      which + "; it and the " + std::to_string(rec.dropped) +
+                          " after it were not applied, so the cache holds what it held before it"));
 }
 
 }  // namespace tqkv::cuda

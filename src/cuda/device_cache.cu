@@ -174,6 +174,9 @@ void DeviceCache::push_state(const core::Cache& meta) {
 }
 
 void DeviceCache::set_stream(void* stream) {
+  if (capturing(stream_))
+    fail(TQKV_ERROR_UNSUPPORTED, "stream: the cache's current stream is being captured into a CUDA graph; set the "
+                                 "stream outside the capture");
   // Work queued on the old stream (asynchronous appends) must be done before the new one runs.
   TQKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
   stream_ = stream;
@@ -222,10 +225,11 @@ void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
   TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
   check_no_failure();
   const std::vector<float> mu = device_centers();
+  const std::vector<int64_t> len = graph_appends_ ? device_lengths() : std::vector<int64_t>();
   for (uint32_t s = 0; s < seqs_; ++s) {
     const float* c = meta.k_center(s);
     if (c && center_serial_[s]) c = mu.data() + size_t(s) * hkv_ * d_;  // defined by an asynchronous append
-    dst.restore(s, meta.length(s), c);
+    dst.restore(s, graph_appends_ ? len[s] : meta.length(s), c);
   }
 }
 

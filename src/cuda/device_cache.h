@@ -98,6 +98,11 @@ class DeviceCache {
   // of the last one sync() has seen.
   enc::State* state_ = nullptr;
   unsigned serial_ = 0, synced_ = 0;
+  static constexpr unsigned kGraphSerial = ~0u;  // the serial of every captured append
+  // An append was captured into a graph: its replays move the device lengths without the host
+  // knowing, so sync() and download() take the lengths from the device.
+  bool graph_appends_ = false;
+  std::vector<int64_t> device_lengths() const;
   std::vector<unsigned> center_serial_;  // [seq] append that defined its key mean, not fetched yet; 0: none
   void* stage_event_ = nullptr;  // cudaEvent_t: the last upload from host_stage_ is done
   struct SyncContext;             // the synchronous append being checked, for its error message

@@ -49,17 +49,18 @@ struct Geo {
   static constexpr int RPW = 32 / LANES;  // rows per warp
 };
 
-// The per-append tables wherever they are. t must be the kernel's __grid_constant__ parameter
-// (or live in device memory): the addresses of its arrays then point into parameter space.
+// The per-append tables wherever they are, and the lengths before the append (start: the
+// device lengths, or a shared-memory copy of them). t must be the kernel's __grid_constant__
+// parameter (or live in device memory): the addresses of its arrays then point into parameter space.
 struct TabView {
   const uint64_t* prefix;
   const int64_t* start;
   const int32_t* center;
   const int32_t* def_seq;
 };
-__device__ __forceinline__ TabView view(const Tables& t) {
-  if (t.inline_tabs) return {t.in.prefix, t.in.start, t.in.center, t.in.def_seq};
-  return {t.prefix, t.start, t.center, t.def_seq};
+__device__ __forceinline__ TabView view(const Tables& t, const int64_t* lengths) {
+  if (t.inline_tabs) return {t.in.prefix, lengths, t.in.center, t.in.def_seq};
+  return {t.prefix, lengths, t.center, t.def_seq};
 }
 
 __device__ __forceinline__ uint32_t seq_of(const uint64_t* prefix, uint32_t num_seqs, uint64_t token) {
@@ -77,24 +78,43 @@ __device__ __forceinline__ void post(unsigned long long* flag, unsigned long lon
   atomicMin(flag, (kind << kKindShift) | flat);
 }
 
-// Destination row of input row r (token-major: r = token * hkv + head), or false when a later
-// token of the same append takes its ring slot (the CPU path writes both in order; here only the
-// survivor is written).
+// Destination row of input row r (token-major: r = token * hkv + head): kWrite, kSkip when a
+// later token of the same append takes its ring slot (the CPU path writes both in order; here
+// only the survivor is written), or kPastCapacity past a linear cache's capacity (pos: the position).
 // 32-bit index arithmetic: R < 2^31 rows per append (append() checks). g: r's token, r / hkv.
-__device__ __forceinline__ bool dst_row(const TabView& tv, uint32_t num_seqs, uint32_t hkv, uint32_t cap, bool ring,
-                                        uint32_t r, uint32_t g, uint64_t& dst) {
+enum Dst { kWrite, kSkip, kPastCapacity };
+__device__ __forceinline__ Dst dst_row(const TabView& tv, uint32_t num_seqs, uint32_t hkv, uint32_t cap, bool ring,
+                                       uint32_t r, uint32_t g, uint64_t& dst, int64_t& pos) {
   const uint32_t s = seq_of(tv.prefix, num_seqs, g);
   const uint32_t t = g - uint32_t(tv.prefix[s]), n = uint32_t(tv.prefix[s + 1] - tv.prefix[s]);
-  if (ring && n - t > cap) return false;
-  const int64_t pos = tv.start[s] + int64_t(t);
+  if (ring && n - t > cap) return kSkip;
+  pos = tv.start[s] + int64_t(t);
+  if (!ring && pos >= int64_t(cap)) return kPastCapacity;
   const uint32_t slot = ring ? static_cast<uint32_t>(pos % cap) : static_cast<uint32_t>(pos);
   dst = fmt::row_index(s, r - g * hkv, slot, hkv, cap);
-  return true;
+  return kWrite;
 }
+
+// Where encode_kernel writes row r: its slot (direct) or its scratch row. False: write nothing
+// (a capacity error is posted once per row).
+__device__ __forceinline__ bool out_row(const EncodeArgs& a, const TabView& tv, int w, uint64_t r, int gl,
+                                        uint64_t& at);
 
 // The token of input row r (r < 2^31): a multiply-high instead of a division.
 __device__ __forceinline__ uint32_t token_of(const EncodeArgs& a, uint64_t r) {
   return a.hkv == 1 ? uint32_t(r) : __umulhi(uint32_t(r), a.hkv_mul) >> a.hkv_shift;
+}
+
+__device__ __forceinline__ bool out_row(const EncodeArgs& a, const TabView& tv, int w, uint64_t r, int gl,
+                                        uint64_t& at) {
+  if (!a.direct) {
+    at = r;
+    return true;
+  }
+  int64_t pos = 0;
+  const Dst d = dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, uint32_t(r), token_of(a, r), at, pos);
+  if (d == kPastCapacity && gl == 0) post(a.fin.state->flags + w, kCapacity, r * a.fin.d);
+  return d == kWrite;
 }
 
 template <int DT>
@@ -242,7 +262,7 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv
     s = a.sqrt_d * yc / cc;
   }
   uint64_t at = r;
-  if (!valid || (a.direct && !dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, uint32_t(r), token_of(a, r), at))) return;
+  if (!valid || !out_row(a, tv, w, r, gl, at)) return;
   uint8_t* row = p.rows + at * p.stride;
   if (gl == 0) {
     const float sf = zero ? 0.0f : static_cast<float>(s);
@@ -276,7 +296,7 @@ __device__ __forceinline__ void encode_f16(const EncodeArgs& a, const TabView& t
                                            int gl) {
   constexpr int V = Geo<D>::V;
   uint64_t at = r;
-  if (!valid || (a.direct && !dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, uint32_t(r), token_of(a, r), at))) return;
+  if (!valid || !out_row(a, tv, w, r, gl, at)) return;
   float x[V];
   load_values<DT, V>(a.in[w], r * D + uint64_t(gl) * V, x);
   uint32_t words[V / 2];
@@ -330,7 +350,7 @@ __device__ void decide(const Finish& f, const TabView& tv, uint32_t num_seqs, ui
     st->token = flat / f.d / hkv - tv.prefix[seq];
     st->head = unsigned(flat / f.d % hkv);
     st->coord = unsigned(flat % f.d);
-    st->flat = flat;
+    st->flat = st->kind == kCapacity ? uint64_t(tv.start[seq]) + st->token : flat;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -355,7 +375,7 @@ template <int D, int DT>
 __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_constant__ EncodeArgs a) {
   using G = Geo<D>;
   if (skipped(a.fin, a.direct)) return;
-  TabView tv = view(a.tabs);
+  TabView tv = view(a.tabs, a.fin.lengths);
   // Inline tables move to shared memory: rows look up their sequence there (parameter space
   // read through a generic pointer is slow for per-lane indices).
   __shared__ uint64_t s_prefix[kTabSeqs + 1];
@@ -365,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
     for (uint32_t i = threadIdx.x; i <= a.num_seqs; i += blockDim.x) {
       s_prefix[i] = tv.prefix[i];
       if (i < a.num_seqs) {
-        s_start[i] = tv.start[i];
+        s_start[i] = tv.start[i];  // the device lengths: every block reads them before the last decides
         s_center[i] = tv.center[i];
       }
     }
@@ -414,7 +434,7 @@ template <int DT>
 __global__ void mean_partial(const __grid_constant__ MeanArgs m, uint32_t first) {
   const uint32_t col = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y, di = first + blockIdx.z;
   if (col >= m.cols) return;
-  const TabView tv = view(m.tabs);
+  const TabView tv = view(m.tabs, nullptr);
   const uint32_t s = uint32_t(tv.def_seq[di]);
   const uint64_t t0 = tv.prefix[s] + uint64_t(ch) * kMeanChunk, t1 = min(t0 + kMeanChunk, tv.prefix[s + 1]);
   double sum = 0;
@@ -432,7 +452,7 @@ __global__ void mean_partial(const __grid_constant__ MeanArgs m, uint32_t first)
 __global__ void mean_final(const __grid_constant__ MeanArgs m, uint32_t first) {
   const uint32_t col = blockIdx.x * blockDim.x + threadIdx.x, di = first + blockIdx.y;
   if (col >= m.cols) return;
-  const TabView tv = view(m.tabs);
+  const TabView tv = view(m.tabs, nullptr);
   const uint32_t s = uint32_t(tv.def_seq[di]);
   const uint64_t n = tv.prefix[s + 1] - tv.prefix[s];
   const uint64_t used = (n + kMeanChunk - 1) / kMeanChunk;
@@ -445,7 +465,7 @@ __global__ void mean_final(const __grid_constant__ MeanArgs m, uint32_t first) {
 // its scale. Many small independent copies keep enough loads in flight.
 __global__ void commit_kernel(const __grid_constant__ CommitArgs a) {
   if (skipped(a.fin, true)) return;
-  const TabView tv = view(a.tabs);
+  const TabView tv = view(a.tabs, a.fin.lengths);
   const State* st = a.fin.state;
   // A failed append writes nothing; decide() then records the failure.
   const bool ok = st->flags[0] == kNoError && st->flags[1] == kNoError;
@@ -456,7 +476,8 @@ __global__ void commit_kernel(const __grid_constant__ CommitArgs a) {
   for (uint32_t i = tid; i < n; i += nthreads) {
     const uint32_t r = i / per_row, part = i - r * per_row;
     uint64_t dst;
-    if (!dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, r, r / a.hkv, dst)) continue;
+    int64_t pos;
+    if (dst_row(tv, a.num_seqs, a.hkv, a.cap, a.ring, r, r / a.hkv, dst, pos) != kWrite) continue;  // a ring: never kPastCapacity
     reinterpret_cast<uint4*>(p.dst_rows + dst * p.stride)[part] =
         reinterpret_cast<const uint4*>(p.rows + uint64_t(r) * p.stride)[part];
     if (part != 0) continue;

@@ -22,7 +22,7 @@ namespace tqkv::cuda::enc {
 // non-finite input wins over overflows and, within a kind, the first position wins.
 constexpr unsigned long long kNoError = ~0ull;
 constexpr int kKindShift = 60;
-enum ErrorKind : unsigned { kNonFinite = 0, kDenseOverflow = 1, kScaleF16 = 2, kScaleF32 = 3 };
+enum ErrorKind : unsigned { kNonFinite = 0, kDenseOverflow = 1, kScaleF16 = 2, kScaleF32 = 3, kCapacity = 4 };
 constexpr uint32_t kMeanChunk = 256;  // tokens summed sequentially per key-mean partial
 // Appends over at most this many sequences carry their tables in the kernel parameters (no copy
 // on the stream, nothing the host must keep alive); larger ones upload them.
@@ -37,13 +37,15 @@ struct State {
   unsigned int dropped;         // appends skipped because of it
   unsigned long long rows_back; // rows (K and V) of the failed append and the skipped ones
   unsigned int w, kind, seq, head, coord;  // where it failed (w: 0 = k, 1 = v)
-  unsigned long long token, flat;          // token within seq; flat index into that tensor's input
+  unsigned long long token, flat;  // token within seq; flat index into that tensor's input (kCapacity: the position)
 };
 
+// Where each sequence's rows go comes from the device lengths when the kernels run, not from the
+// host: appends replayed from a CUDA graph, or queued behind a failed one, land where the device
+// says (and a linear cache's capacity is checked there too).
 struct SeqTables {
   uint64_t prefix[kTabSeqs + 1];  // first input token of each sequence, then the total
-  int64_t start[kTabSeqs];        // length before the append
-  int32_t center[kTabSeqs];       // -1 none, -2 stored key mean, i >= 0: the i-th mean defined now
+  int32_t center[kTabSeqs];       // -1 none, -2 stored key mean (zero: none), i >= 0: the i-th mean defined now
   int32_t def_seq[kTabSeqs];      // sequences whose key mean this append defines
 };
 
@@ -52,7 +54,6 @@ struct Tables {
   SeqTables in;
   bool inline_tabs = false;
   const uint64_t* prefix = nullptr;
-  const int64_t* start = nullptr;
   const int32_t* center = nullptr;
   const int32_t* def_seq = nullptr;
 };
