@@ -240,8 +240,9 @@ TEST(CudaAppend, AsyncRejectsHostInputAndWhatCaptureCannotDo) {
 // A decode step (append one token to every sequence, then attend) captured once and replayed:
 // each replay lands one position further, as the device lengths say; attention in the same graph
 // sees it. Against a second cache fed the same tokens by synchronous appends: the same bytes and
-// bitwise the same attention outputs at every step. Linear and ring (which wraps during the
-// replays, through the staged path) caches, with stored key means on one of them.
+// bitwise the same attention outputs at every step. Linear (no key means: the captured append
+// skips centering) and ring (wraps during the replays, through the staged path; a stored key
+// mean: the captured append centers against the device's means) caches.
 TEST(CudaAppend, CapturedDecodeStepReplaysAtTheDeviceLengths) {
   SKIP_WITHOUT_CUDA();
   for (const auto layout : {TQKV_LAYOUT_LINEAR, TQKV_LAYOUT_RING}) {
@@ -336,6 +337,14 @@ TEST(CudaAppend, CapturedDecodeStepReplaysAtTheDeviceLengths) {
     }
     Handle ha = download(ref.get()), hb = download(gpu.get());
     EXPECT_TRUE(identical(ha.get(), hb.get()));
+    if (layout == TQKV_LAYOUT_LINEAR) {
+      // No key mean was set when the step was captured, so its replays store keys as they are:
+      // a mean set afterwards would not match them.
+      ASSERT_EQ(tqkv_cache_reset(gpu.get(), 0), TQKV_OK) << tqkv_last_error();
+      const auto mu = tqkv::test::gaussian(size_t(hkv) * d, rng);
+      EXPECT_EQ(tqkv_cache_set_k_center(gpu.get(), 0, mu.data()), TQKV_ERROR_UNSUPPORTED);
+      EXPECT_NE(std::string(tqkv_last_error()).find("before capturing"), std::string::npos) << tqkv_last_error();
+    }
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(g);
     cudaFree(dq);

@@ -204,8 +204,10 @@ TQKV_API tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* 
  * so lengths and key means are those from before the failed append. Rows land at the lengths
  * the device holds when the append runs (and a linear cache's capacity is checked there too).
  * CUDA graphs: an asynchronous append may be captured (a decode step: append, then attend), if
- * the cache has at most 64 sequences and does not use k_center FIRST_APPEND (captured appends
- * encode against the stored key means); each replay lands after the previous one. Replays are
+ * the cache has at most 64 sequences and does not use k_center FIRST_APPEND; captured appends
+ * encode against the key means stored when they replay, or, when no key mean was set at capture,
+ * without one (tqkv_cache_set_k_center is then refused on that cache). Each replay lands after
+ * the previous one. Replays are
  * counted on the host (tqkv_cache_length) at the next tqkv_cache_sync, which also reports a
  * replay that failed (TQKV_ERROR_CAPACITY when a linear cache is full). Make one asynchronous
  * append of the captured shape before capturing (staging it may need is allocated then). A

@@ -122,12 +122,17 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   // No slot written holds a live row (cuda/encode.h). The host lengths miss appends replayed
   // from graphs, so after one a ring always takes the staged path.
   bool direct = !(meta.ring() && graph_appends_);
+  // A captured append encodes against the stored key means as they are at replay, unless none
+  // is set at capture: then it skips centering (faster), and set_k_center is refused afterwards.
+  bool graph_centered = false;
+  for (uint32_t s = 0; s < seqs_ && graph; ++s) graph_centered = graph_centered || meta.k_center(s) != nullptr;
+  if (graph && !graph_centered && fmt::is_tq(k_.type)) graph_uncentered_ = true;
   for (uint32_t s = 0; s < seqs_; ++s) {
     prefix[s + 1] = prefix[s] + counts[s];
     if (counts[s] && meta.ring() && meta.length(s) + int64_t(counts[s]) > int64_t(cap_)) direct = false;
     if (!fmt::is_tq(k_.type)) continue;  // dense K is stored as it is
-    // A graph uses the stored mean whatever it is at replay (zero when none: the same bytes).
-    if (graph || meta.k_center(s) != nullptr) {
+    // A centered graph uses the stored mean whatever it is at replay (zero when none: the same bytes).
+    if (graph ? graph_centered : meta.k_center(s) != nullptr) {
       center[s] = -2;
     } else if (counts[s] > 0 && meta.defines_center(s)) {
       center[s] = static_cast<int32_t>(def_seq.size());

@@ -189,6 +189,10 @@ void DeviceCache::reset(core::Cache& meta, uint32_t seq) {
 }
 
 void DeviceCache::set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host) {
+  if (graph_uncentered_)
+    fail(TQKV_ERROR_UNSUPPORTED, "set_k_center: appends captured in a CUDA graph on this cache store keys without a "
+                                 "key mean (none was set when they were captured), and replays would not match one "
+                                 "set now; set key means before capturing");
   sync(meta);
   meta.set_k_center(seq, mu_host);
   push_state(meta);
@@ -196,6 +200,10 @@ void DeviceCache::set_k_center(core::Cache& meta, uint32_t seq, const float* mu_
 
 void DeviceCache::upload(const core::Cache& src, core::Cache& meta) {
   if (!src.host_storage()) invalid("src: must be a host cache to upload from");
+  for (uint32_t s = 0; s < seqs_ && graph_uncentered_; ++s)
+    if (src.k_center(s) != nullptr)
+      fail(TQKV_ERROR_UNSUPPORTED, "src: holds key means, and appends captured in a CUDA graph on this cache store "
+                                   "keys without one; copy into a cache that has no captured appends");
   sync(meta);
   auto st = static_cast<cudaStream_t>(stream_);
   const size_t rows = size_t(seqs_) * hkv_ * cap_;

@@ -102,6 +102,9 @@ class DeviceCache {
   // An append was captured into a graph: its replays move the device lengths without the host
   // knowing, so sync() and download() take the lengths from the device.
   bool graph_appends_ = false;
+  // A captured append encodes keys without a key mean (none was set at capture): a key mean set
+  // later would not match its rows, so set_k_center and copies that bring key means are refused.
+  bool graph_uncentered_ = false;
   std::vector<int64_t> device_lengths() const;
   std::vector<unsigned> center_serial_;  // [seq] append that defined its key mean, not fetched yet; 0: none
   void* stage_event_ = nullptr;  // cudaEvent_t: the last upload from host_stage_ is done

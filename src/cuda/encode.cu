@@ -199,8 +199,16 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv
     if (src != -1) {
       const float* mu = (src == -2 ? a.centers + size_t(s) * a.hkv * D : a.fin.mu_new + size_t(src) * a.hkv * D) +
                         size_t(uint32_t(r) - g * a.hkv) * D + gl * V;
+      // 16-byte loads (mu is 16-byte aligned: cudaMalloc'd or 256-byte staging, rows of d floats):
+      // scalar ones touched 4x the L1 wavefronts and made a centered append ~1.7x slower.
 #pragma unroll
-      for (int j = 0; j < V; ++j) x[j] -= __ldg(mu + j);
+      for (int i = 0; i < V / 4; ++i) {
+        const float4 m = __ldg(reinterpret_cast<const float4*>(mu) + i);
+        x[4 * i] -= m.x;
+        x[4 * i + 1] -= m.y;
+        x[4 * i + 2] -= m.z;
+        x[4 * i + 3] -= m.w;
+      }
     }
   }
   // Signs, then the butterflies of core/rotation.cpp: first the strides inside a lane, then the

@@ -263,9 +263,10 @@ nlohmann::json bench_append(const AppendBenchOptions& o) {
   if (o.batch == 0) invalid("--batch: must be >= 1");
   if (o.repeats == 0) invalid("--repeats: must be >= 1");
   if (!(o.read_bw_gbps >= 0)) invalid("--read-bw-gbps: must be >= 0 (0 = unknown)");
-  if (o.async && o.backend != "cuda") invalid("--async: only for --backend cuda (CPU appends are synchronous)");
-  if (o.async && uint64_t(o.tokens) * (o.repeats + 1) > 0xFFFFFFFFull)
-    invalid("--async: --tokens x (--repeats + 1) must fit a cache's capacity (2^32 - 1)");
+  if ((o.async || o.graph) && o.backend != "cuda")
+    invalid(std::string(o.graph ? "--graph" : "--async") + ": only for --backend cuda (CPU appends are synchronous)");
+  if ((o.async || o.graph) && uint64_t(o.tokens) * (o.repeats + 1) > 0xFFFFFFFFull)
+    invalid("--async, --graph: --tokens x (--repeats + 1) must fit a cache's capacity (2^32 - 1)");
   if (o.backend == "cuda") {
 #ifdef TQKV_CLI_CUDA
     return bench_append_cuda(o);
@@ -301,7 +302,9 @@ void print_append_table(const nlohmann::json& r) {
                r["bytes_out"].get<uint64_t>(), r["GBps"].get<double>(),
                r.contains("frac_of_read_bw") ? ::fmt::format(" ({:.2f} of read bandwidth)", r["frac_of_read_bw"].get<double>())
                                              : std::string());
-  if (r.contains("us_call"))
+  if (r.value("mode", "") == "graph")
+    ::fmt::print("  captured in a CUDA graph: stream time per replay\n");
+  else if (r.contains("us_call"))
     ::fmt::print("  asynchronous: stream time per append; the call itself took {:.1f} us\n", r["us_call"].get<double>());
 }
 

@@ -339,7 +339,8 @@ nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
   Stream stream;
   CacheConfig cfg;
   // --async: every timed append stays in the cache (resetting would wait for the stream).
-  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.async ? o.tokens * (o.repeats + 1) : o.tokens);
+  const bool keep = o.async || o.graph;  // every timed append stays in the cache
+  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, keep ? o.tokens * (o.repeats + 1) : o.tokens);
   cfg.k_type = static_cast<tqkv_type>(o.kbits);
   cfg.v_type = static_cast<tqkv_type>(o.vbits);
   cfg.backend = TQKV_BACKEND_CUDA;
@@ -354,6 +355,40 @@ nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
   const std::vector<uint32_t> counts(o.batch, o.tokens);
   std::vector<double> us;
   tqkv_counters before{}, after{};
+  if (o.graph) {
+    // One untimed asynchronous append (first-call allocations, staging), then one captured and
+    // replayed --repeats times back to back: stream time per replay, no host work in it.
+    check(tqkv_cache_append_batch_async(cache.get(), counts.data(), dt, k.get(), v.get()));
+    cudaGraph_t g = nullptr;
+    CK(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeThreadLocal));
+    const tqkv_status st = tqkv_cache_append_batch_async(cache.get(), counts.data(), dt, k.get(), v.get());
+    const std::string msg = st == TQKV_OK ? std::string() : tqkv_last_error();
+    CK(cudaStreamEndCapture(stream.s, &g));
+    if (st != TQKV_OK) {
+      cudaGraphDestroy(g);
+      throw Error(st, msg);
+    }
+    cudaGraphExec_t exec = nullptr;
+    CK(cudaGraphInstantiate(&exec, g, 0));
+    Event e0, e1;
+    CK(cudaEventRecord(e0.e, stream.s));
+    for (uint32_t i = 0; i < o.repeats; ++i) CK(cudaGraphLaunch(exec, stream.s));
+    CK(cudaEventRecord(e1.e, stream.s));
+    CK(cudaEventSynchronize(e1.e));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    check(tqkv_cache_sync(cache.get()));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0.e, e1.e));
+    for (uint32_t s = 0; s < o.batch; ++s)
+      if (cache.length(s) != int64_t(o.tokens) * (o.repeats + 1))
+        fail(TQKV_ERROR_INTERNAL, ::fmt::format("sequence {} holds {} tokens after the replays; expected {}", s,
+                                                cache.length(s), int64_t(o.tokens) * (o.repeats + 1)));
+    auto r = append_row(o, cache.memory().bytes_per_token, {double(ms) * 1e3 / o.repeats});
+    r["mode"] = "graph";
+    r["shape"]["device"] = std::string(gpu.prop.name);
+    return r;
+  }
   if (o.async) {
     // One untimed append (first-call allocations), then --repeats queued without waiting; the
     // stream time between two events over all of them, per append, and the host time per call.

@@ -44,6 +44,7 @@ struct AppendBenchOptions {
   double read_bw_gbps = 0;
   bool json = false;
   bool async = false;  // cuda: tqkv_cache_append_batch_async, back to back
+  bool graph = false;  // cuda: one asynchronous append captured in a CUDA graph, replayed
 };
 // Times one prefill-sized tqkv_cache_append_batch (cpu: host input; cuda: device input).
 nlohmann::json bench_append(const AppendBenchOptions& o);

@@ -114,6 +114,9 @@ int main(int argc, char** argv) {
   app_bench->add_flag("--async", ao.async,
                       "cuda: time --repeats asynchronous appends queued back to back (stream time per append; "
                       "the cache holds all of them)");
+  app_bench->add_flag("--graph", ao.graph,
+                      "cuda: capture one asynchronous append in a CUDA graph and time --repeats replays (stream "
+                      "time per replay; implies --async)");
 
   uint32_t md = 128, mh = 8;
   std::string mk = "4", mv = "4";
