@@ -192,8 +192,12 @@ tqkv_status tqkv_cache_get_config(const tqkv_cache* cache, tqkv_cache_config* ou
   });
 }
 
-tqkv_status tqkv_cache_append(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void* k,
-                              const void* v) {
+namespace {
+
+// The four append entry points: one sequence or a batch, waiting for the stream or not (CPU
+// appends are always synchronous).
+tqkv_status append_one(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void* k,
+                       const void* v, bool async) {
   return guarded([&] {
     auto& c = cache_ref(cache);
 #ifdef TQKV_HAVE_CUDA
@@ -201,57 +205,52 @@ tqkv_status tqkv_cache_append(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens
       c.check_seq(seq, "append");
       std::vector<uint32_t> counts(c.num_seqs(), 0);
       counts[seq] = n_tokens;
-      device_of(cache).append(c, counts.data(), dtype, k, v);
+      device_of(cache).append(c, counts.data(), dtype, k, v, async);
       return;
     }
+#else
+    (void)async;
 #endif
     c.append(seq, n_tokens, dtype, k, v);
   });
+}
+
+tqkv_status append_many(tqkv_cache* cache, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v,
+                        bool async) {
+  return guarded([&] {
+    auto& c = cache_ref(cache);
+#ifdef TQKV_HAVE_CUDA
+    if (cache->cuda()) {
+      device_of(cache).append(c, counts, dtype, k, v, async);
+      return;
+    }
+#else
+    (void)async;
+#endif
+    c.append_batch(counts, dtype, k, v);
+  });
+}
+
+}  // namespace
+
+tqkv_status tqkv_cache_append(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype, const void* k,
+                              const void* v) {
+  return append_one(cache, seq, n_tokens, dtype, k, v, false);
 }
 
 tqkv_status tqkv_cache_append_batch(tqkv_cache* cache, const uint32_t* counts, tqkv_dtype dtype, const void* k,
                                     const void* v) {
-  return guarded([&] {
-    auto& c = cache_ref(cache);
-#ifdef TQKV_HAVE_CUDA
-    if (cache->cuda()) {
-      device_of(cache).append(c, counts, dtype, k, v);
-      return;
-    }
-#endif
-    c.append_batch(counts, dtype, k, v);
-  });
+  return append_many(cache, counts, dtype, k, v, false);
 }
 
 tqkv_status tqkv_cache_append_async(tqkv_cache* cache, uint32_t seq, uint32_t n_tokens, tqkv_dtype dtype,
                                     const void* k, const void* v) {
-  return guarded([&] {
-    auto& c = cache_ref(cache);
-#ifdef TQKV_HAVE_CUDA
-    if (cache->cuda()) {
-      c.check_seq(seq, "append");
-      std::vector<uint32_t> counts(c.num_seqs(), 0);
-      counts[seq] = n_tokens;
-      device_of(cache).append(c, counts.data(), dtype, k, v, /*async=*/true);
-      return;
-    }
-#endif
-    c.append(seq, n_tokens, dtype, k, v);
-  });
+  return append_one(cache, seq, n_tokens, dtype, k, v, true);
 }
 
 tqkv_status tqkv_cache_append_batch_async(tqkv_cache* cache, const uint32_t* counts, tqkv_dtype dtype, const void* k,
                                           const void* v) {
-  return guarded([&] {
-    auto& c = cache_ref(cache);
-#ifdef TQKV_HAVE_CUDA
-    if (cache->cuda()) {
-      device_of(cache).append(c, counts, dtype, k, v, /*async=*/true);
-      return;
-    }
-#endif
-    c.append_batch(counts, dtype, k, v);
-  });
+  return append_many(cache, counts, dtype, k, v, true);
 }
 
 tqkv_status tqkv_cache_sync(tqkv_cache* cache) {

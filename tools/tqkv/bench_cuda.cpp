@@ -334,6 +334,28 @@ nlohmann::json bench_attention_cuda(const BenchOptions& o, const std::vector<std
   return result;
 }
 
+namespace {
+
+// --async and --graph: after the timed appends (between e0 and e1 on the cache's stream), the
+// sync that reports any failure and counts graph replays on the host, the check that every
+// sequence holds all the appended tokens (the trace that they landed), and the row.
+nlohmann::json kept_row(const AppendBenchOptions& o, Cache& cache, const Gpu& gpu, const Event& e0, const Event& e1) {
+  CK(cudaEventSynchronize(e1.e));
+  check(tqkv_cache_sync(cache.get()));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, e0.e, e1.e));
+  const int64_t want = int64_t(o.tokens) * (o.repeats + 1);
+  for (uint32_t s = 0; s < o.batch; ++s)
+    if (cache.length(s) != want)
+      fail(TQKV_ERROR_INTERNAL,
+           ::fmt::format("sequence {} holds {} tokens after the appends; expected {}", s, cache.length(s), want));
+  auto r = append_row(o, cache.memory().bytes_per_token, {double(ms) * 1e3 / o.repeats});
+  r["shape"]["device"] = std::string(gpu.prop.name);
+  return r;
+}
+
+}  // namespace
+
 nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
   const Gpu gpu;
   Stream stream;
@@ -377,16 +399,8 @@ nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
     CK(cudaEventSynchronize(e1.e));
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(g);
-    check(tqkv_cache_sync(cache.get()));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0.e, e1.e));
-    for (uint32_t s = 0; s < o.batch; ++s)
-      if (cache.length(s) != int64_t(o.tokens) * (o.repeats + 1))
-        fail(TQKV_ERROR_INTERNAL, ::fmt::format("sequence {} holds {} tokens after the replays; expected {}", s,
-                                                cache.length(s), int64_t(o.tokens) * (o.repeats + 1)));
-    auto r = append_row(o, cache.memory().bytes_per_token, {double(ms) * 1e3 / o.repeats});
+    auto r = kept_row(o, cache, gpu, e0, e1);
     r["mode"] = "graph";
-    r["shape"]["device"] = std::string(gpu.prop.name);
     return r;
   }
   if (o.async) {
@@ -403,18 +417,10 @@ nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
         std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / o.repeats;
     CK(cudaEventRecord(e1.e, stream.s));
     CK(cudaEventSynchronize(e1.e));
-    check(tqkv_cache_sync(cache.get()));
+    auto r = kept_row(o, cache, gpu, e0, e1);
     after = counters();
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0.e, e1.e));
-    for (uint32_t s = 0; s < o.batch; ++s)
-      if (cache.length(s) != int64_t(o.tokens) * (o.repeats + 1))
-        fail(TQKV_ERROR_INTERNAL, ::fmt::format("sequence {} holds {} tokens after the appends; expected {}", s,
-                                                cache.length(s), int64_t(o.tokens) * (o.repeats + 1)));
-    auto r = append_row(o, cache.memory().bytes_per_token, {double(ms) * 1e3 / o.repeats});
     r["mode"] = "async";
     r["us_call"] = call_us;
-    r["shape"]["device"] = std::string(gpu.prop.name);
     r["rows_encoded"] = after.rows_encoded - before.rows_encoded;
     r["cuda_rows_encoded"] = after.cuda_rows_encoded - before.cuda_rows_encoded;
     return r;
