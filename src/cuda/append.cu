@@ -106,7 +106,6 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
                                    "define the key mean, which a captured append cannot; use k_center NONE, or "
                                    "tqkv_cache_set_k_center, or append outside the capture");
   }
-  if (graph) graph_appends_ = true;
 
   auto st = static_cast<cudaStream_t>(stream_);
   const size_t es = dtype == TQKV_DTYPE_F32 ? 4 : 2;
@@ -121,12 +120,11 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   uint64_t max_def_tokens = 0;
   // No slot written holds a live row (cuda/encode.h). The host lengths miss appends replayed
   // from graphs, so after one a ring always takes the staged path.
-  bool direct = !(meta.ring() && graph_appends_);
+  bool direct = !(meta.ring() && (graph || graph_appends_));
   // A captured append encodes against the stored key means as they are at replay, unless none
   // is set at capture: then it skips centering (faster), and set_k_center is refused afterwards.
   bool graph_centered = false;
   for (uint32_t s = 0; s < seqs_ && graph; ++s) graph_centered = graph_centered || meta.k_center(s) != nullptr;
-  if (graph && !graph_centered && fmt::is_tq(k_.type)) graph_uncentered_ = true;
   for (uint32_t s = 0; s < seqs_; ++s) {
     prefix[s + 1] = prefix[s] + counts[s];
     if (counts[s] && meta.ring() && meta.length(s) + int64_t(counts[s]) > int64_t(cap_)) direct = false;
@@ -307,6 +305,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
       enc::launch_commit(ca, sm_count_, st);
     }
   } catch (...) {
+    if (graph) throw;  // nothing ran; waiting now would break the caller's capture
     // Nothing may still be reading host memory this call handed over once it returns. A launch
     // that failed half way may leave error keys or a ticket behind: the next append must start
     // clean (a recorded failure stays).
@@ -323,7 +322,11 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   }
 
   // Replays are counted by the device alone; sync() brings the host lengths up to date.
-  if (graph) return;
+  if (graph) {
+    graph_appends_ = true;
+    if (!graph_centered && fmt::is_tq(k_.type)) graph_uncentered_ = true;
+    return;
+  }
   // The host counts the append now; sync() takes it back if the device refused it.
   for (uint32_t i = 0; i < ndef; ++i) {
     const std::vector<float> placeholder(cols, 0.0f);  // the device's mean is fetched by sync()
