@@ -58,7 +58,9 @@ class DeviceCache {
 
   const DevPlane& plane(int which) const { return which == 0 ? k_ : v_; }
   const float* signs() const { return signs_; }       // [head_dim]
-  const int64_t* lengths() const { return lengths_; } // [num_seqs], equal to the host lengths
+  // [num_seqs]: the lengths the kernels use. The host lengths count asynchronous appends at once
+  // and graph replays at the next sync, so the two differ in between.
+  const int64_t* lengths() const { return lengths_; }
   const float* centers() const { return centers_; }   // [num_seqs][kv_heads][head_dim]; zero = no key mean
 
   // Appends counts[s] tokens to every sequence s (the layout of tqkv_cache_append_batch). Every
@@ -67,11 +69,14 @@ class DeviceCache {
   // waits for this append and reports its failure; k and v may be device or host memory.
   // Asynchronous: k and v in device memory, nothing waits; the host bookkeeping counts the
   // append at once and sync() reports a failure later, taking back it and every append after it.
+  // During graph capture (asynchronous only) the host counts nothing: replays are counted by
+  // sync(), which then takes the lengths from the device.
   void append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v,
               bool async = false);
-  // Waits for the stream. If an asynchronous append failed since the last sync, brings the host
-  // bookkeeping back to the device's (which never took the failed append or any after it) and
-  // throws its error; fetches the key means that asynchronous appends defined.
+  // Waits for the stream (refused during capture). If an asynchronous append failed since the
+  // last sync, brings the host bookkeeping back to the device's (which never took the failed
+  // append or any after it) and throws its error; fetches the key means that asynchronous
+  // appends defined, and the lengths graph replays reached.
   void sync(core::Cache& meta);
   void reset(core::Cache& meta, uint32_t seq);
   void set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host);

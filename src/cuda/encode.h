@@ -3,8 +3,9 @@
 // An append is one or two kernels on the cache's stream, after the key-mean kernels when it
 // defines a key mean:
 // - direct: encode_kernel writes every row into its slot; its last block to finish decides.
-//   Used when no slot of the append holds a live row (linear layout, or a ring not yet full),
-//   so rows written by an append that then fails are beyond the lengths and never seen.
+//   Used when no slot of the append holds a live row (linear layout, or a ring this append does
+//   not wrap, as far as the host knows: a ring with captured appends always takes the staged
+//   path), so rows written by an append that then fails are past the lengths and never seen.
 // - staged: encode_kernel writes into scratch and commit_kernel scatters into the slots, its
 //   last block deciding; used when a ring append overwrites live rows.
 // The deciding block commits the lengths and key means only if no error key is set; otherwise
@@ -41,8 +42,8 @@ struct State {
 };
 
 // Where each sequence's rows go comes from the device lengths when the kernels run, not from the
-// host: appends replayed from a CUDA graph, or queued behind a failed one, land where the device
-// says (and a linear cache's capacity is checked there too).
+// host, so appends replayed from a CUDA graph land after the previous replay (and a linear
+// cache's capacity is checked there too).
 struct SeqTables {
   uint64_t prefix[kTabSeqs + 1];  // first input token of each sequence, then the total
   int32_t center[kTabSeqs];       // -1 none, -2 stored key mean (zero: none), i >= 0: the i-th mean defined now
