@@ -2,11 +2,12 @@
  *
  * C ABI. Every function returns a tqkv_status; on failure a message naming the bad parameter
  * and the allowed values is available from tqkv_last_error() on the calling thread. No function
- * aborts on user input, and a failed call leaves the cache exactly as it was.
+ * aborts on user input, and a failed call leaves the cache exactly as it was (an asynchronous
+ * append's bad values are reported by a later call; see tqkv_cache_append_async).
  *
  * Thread safety: distinct caches may be used from distinct threads at once. One cache may be
- * read by tqkv_attend from several threads at once, but must not be appended to, reset or
- * destroyed while another call uses it.
+ * read by tqkv_attend from several threads at once, but must not be appended to, synced, reset
+ * or destroyed while another call uses it.
  */
 #ifndef TQKV_TQKV_H
 #define TQKV_TQKV_H
