@@ -40,6 +40,11 @@ float input_value(const void* base, tqkv_dtype dtype, uint64_t i) {
   return f;
 }
 
+// The status of a failed append: a linear cache was full, or a value could not be stored.
+tqkv_status status_of(const enc::State& st) {
+  return st.kind == enc::kCapacity ? TQKV_ERROR_CAPACITY : TQKV_ERROR_NON_FINITE;
+}
+
 // The message of a failed append. value: the offending input value when the caller still has
 // the input (a synchronous append), else NaN and left out; tail: what happened to the cache.
 std::string describe(const enc::State& st, bool has_value, float value, const std::string& tail) {
@@ -363,7 +368,7 @@ void DeviceCache::check_no_failure() const {
   enc::State rec{};
   TQKV_CUDA_CHECK(cudaMemcpy(&rec, state_, sizeof rec, cudaMemcpyDeviceToHost));
   if (rec.failed != 0)
-    fail(rec.kind == enc::kCapacity ? TQKV_ERROR_CAPACITY : TQKV_ERROR_NON_FINITE,
+    fail(status_of(rec),
          describe(rec, false, 0.0f, "; an asynchronous append failed there and no tqkv_cache_sync has reported it "
                                     "yet: call it, which also brings the cache back to what it held before"));
 }
@@ -386,37 +391,24 @@ void DeviceCache::sync_impl(core::Cache& meta, const SyncContext* ctx) {
   const unsigned base = synced_, made = serial_ - synced_;
   synced_ = serial_;
 
-  if (rec.failed == 0) {
-    for (uint32_t s = 0; s < seqs_; ++s)
-      if (center_serial_[s]) {
-        meta.restore(s, meta.length(s), mu.data() + size_t(s) * hkv_ * d_);
-        center_serial_[s] = 0;
-      }
-    if (graph_appends_) {  // replayed appends moved the device lengths
-      const std::vector<int64_t> len = device_lengths();
-      for (uint32_t s = 0; s < seqs_; ++s)
-        if (len[s] != meta.length(s)) {
-          std::vector<float> keep;
-          if (const float* c = meta.k_center(s)) keep.assign(c, c + size_t(hkv_) * d_);
-          meta.restore(s, len[s], keep.empty() ? nullptr : keep.data());
-        }
-    }
-    return;
-  }
-
-  // Take back the failed append and every later one: the device has the lengths and key means
-  // from before it (later appends were skipped there). Serial numbers count from base, so a
-  // wrap of the counter between two syncs does not matter.
-  const unsigned failed_at = rec.failed == kGraphSerial ? ~0u : rec.failed - base;
-  const std::vector<int64_t> len = device_lengths();
+  // Bring the host bookkeeping to the device's: key means that asynchronous appends defined
+  // (unless taken back), and the device lengths after a failure (the device skipped the failed
+  // append and every later one) or after graph replays (which the host never counted). Serial
+  // numbers count from base, so a wrap of the counter between two syncs does not matter.
+  const unsigned failed_at = rec.failed == 0 || rec.failed == kGraphSerial ? ~0u : rec.failed - base;
+  const std::vector<int64_t> len = rec.failed != 0 || graph_appends_ ? device_lengths() : std::vector<int64_t>();
   for (uint32_t s = 0; s < seqs_; ++s) {
     const float* c = meta.k_center(s);
     if (center_serial_[s]) c = center_serial_[s] - base < failed_at ? mu.data() + size_t(s) * hkv_ * d_ : nullptr;
+    const int64_t n = len.empty() ? meta.length(s) : len[s];
+    center_serial_[s] = 0;
+    if (c == meta.k_center(s) && n == meta.length(s)) continue;
     std::vector<float> keep;
     if (c) keep.assign(c, c + size_t(hkv_) * d_);  // restore() may overwrite what c points to
-    meta.restore(s, len[s], c ? keep.data() : nullptr);
-    center_serial_[s] = 0;
+    meta.restore(s, n, c ? keep.data() : nullptr);
   }
+  if (rec.failed == 0) return;
+
   core::counters().cuda_rows_encoded -= rec.rows_back;
   core::counters().rows_encoded -= rec.rows_back;
   enc::State clean = rec;
@@ -427,7 +419,7 @@ void DeviceCache::sync_impl(core::Cache& meta, const SyncContext* ctx) {
   TQKV_CUDA_CHECK(cudaMemcpyAsync(state_, rec_host, sizeof clean, cudaMemcpyHostToDevice, st));
   TQKV_CUDA_CHECK(cudaStreamSynchronize(st));
 
-  const tqkv_status code = rec.kind == enc::kCapacity ? TQKV_ERROR_CAPACITY : TQKV_ERROR_NON_FINITE;
+  const tqkv_status code = status_of(rec);
   if (ctx && ctx->serial == rec.failed) {
     const bool has_value = rec.kind <= enc::kDenseOverflow;
     const float x = has_value ? input_value(rec.w == 0 ? ctx->k : ctx->v, ctx->dtype, rec.flat) : 0.0f;

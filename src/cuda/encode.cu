@@ -95,16 +95,14 @@ __device__ __forceinline__ Dst dst_row(const TabView& tv, uint32_t num_seqs, uin
   return kWrite;
 }
 
-// Where encode_kernel writes row r: its slot (direct) or its scratch row. False: write nothing
-// (a capacity error is posted once per row).
-__device__ __forceinline__ bool out_row(const EncodeArgs& a, const TabView& tv, int w, uint64_t r, int gl,
-                                        uint64_t& at);
 
 // The token of input row r (r < 2^31): a multiply-high instead of a division.
 __device__ __forceinline__ uint32_t token_of(const EncodeArgs& a, uint64_t r) {
   return a.hkv == 1 ? uint32_t(r) : __umulhi(uint32_t(r), a.hkv_mul) >> a.hkv_shift;
 }
 
+// Where encode_kernel writes row r: its slot (direct) or its scratch row. False: write nothing
+// (a capacity error is posted once per row).
 __device__ __forceinline__ bool out_row(const EncodeArgs& a, const TabView& tv, int w, uint64_t r, int gl,
                                         uint64_t& at) {
   if (!a.direct) {
