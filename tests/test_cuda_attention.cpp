@@ -275,6 +275,40 @@ TEST(CudaAttention, KeyCenteringAndF16Scales) {
   }
 }
 
+// D = 256 and 512 on the 4-bit pair: each row is split over 2 or 4 warps that add their partial
+// scores (the table-lookup kernel's slices). Long enough (>= 8192) that pick() takes that kernel
+// for 8 heads per KV head too; lengths that are not multiples of a chunk, a group's step or a split.
+TEST(CudaAttention, WideHeadsSplitOverWarps) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  for (uint32_t d : {256u, 512u})
+    for (uint32_t g : {1u, 2u, 4u, 8u}) {
+      Case c;
+      c.d = d;
+      c.hkv = 2;
+      c.g = g;
+      c.lens = {int64_t(8192 + rng() % 3000), 1, int64_t(17 + rng() % 400)};
+      c.mask = g % 2 ? Mask::none : Mask::causal;
+      c.random_qpos = g == 2;
+      c.sinks = g >= 4;
+      c.softcap = g == 8 ? 20.0f : 0.0f;
+      c.center = g == 4;
+      c.f16_scale = g == 1;
+      run(c);
+    }
+  for (uint32_t d : {256u, 512u}) {
+    Case c;
+    c.d = d;
+    c.g = 8;
+    c.ring = true;
+    c.cap = 9000;
+    c.lens = {int64_t(c.cap) * 2 + 333, 4000};
+    c.mask = Mask::window;
+    c.window = c.cap - 7;
+    run(c);
+  }
+}
+
 TEST(CudaAttention, LongContexts) {
   SKIP_WITHOUT_GPU();
   Case c;

@@ -33,6 +33,7 @@ namespace tqkv::cuda {
 TQKV_DECLARE_ATTN_LUT(64)
 TQKV_DECLARE_ATTN_LUT(128)
 TQKV_DECLARE_ATTN_LUT(256)
+TQKV_DECLARE_ATTN_LUT(512)
 #undef TQKV_DECLARE_ATTN_LUT
 
 namespace {
@@ -78,13 +79,14 @@ Instance pick_tile(uint32_t kt, uint32_t vt, uint32_t d) {
   return {};
 }
 
-// The table-lookup kernel: 4-bit K and V up to head_dim 256.
+// The table-lookup kernel: 4-bit K and V, every head_dim.
 Instance pick_lut(uint32_t kt, uint32_t vt, uint32_t d) {
   if (kt != fmt::TQ4 || vt != fmt::TQ4) return {};
   switch (d) {
     case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit, true};
     case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit, true, 4 * lut::kMinRowsPerSplit};
     case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit, true};
+    case 512: return {lut::launch<512>, lut::blocks_per_sm<512>, lut::kMinRowsPerSplit, true};
     default: return {};
   }
 }

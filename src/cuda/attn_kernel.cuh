@@ -208,9 +208,11 @@ __device__ __forceinline__ Slice split_slice(const AttnKernelParams& p, uint32_t
 // block in registers (lane l holds coordinates l*D/32 ..), then write them as the QK mma's B
 // fragments: thread (r = head, t) of k-step s reads coordinates t*D/4 + 4s + 0..3, as uint4
 // {hi(0,1), hi(2,3), lo(0,1), lo(2,3)} at index s*32 + head*4 + t (its lane: no conflicts).
+// DS < D: the coordinates form D/DS slices of DS, each laid out as above for a head of DS
+// (slice j's k-steps are j*DS/16 ..), for kernels that give each slice its own warp.
 // Rotated coordinates (FWHT / sqrt(D)) also carry 1/sqrt(D) for centroid units: 1/D in all.
 // q_unscale[h] undoes the power-of-two scaling, bias[h] = scale * q . mu (key centering).
-template <int D, int WARPS, bool ROTATED>
+template <int D, int WARPS, bool ROTATED, int DS = D>
 __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint32_t b, uint32_t hkv_idx, uint32_t h0,
                                                 int nh, int warp, int lane, uint32_t* q_hl, float* q_unscale,
                                                 float* bias) {
@@ -249,7 +251,8 @@ __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint3
 #pragma unroll
     for (int j = 0; j < V; j += 2) {
       const int c = lane * V + j;  // even: a pair (c, c+1) lands in one 32-bit word
-      const int tq = c / (D / 4), sq = (c % (D / 4)) / 4, eq = c % 4;
+      const int cs = c % DS;
+      const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4, eq = c % 4;
       uint32_t hw, lw;
       split_half2(x[j] * up, x[j + 1] * up, hw, lw);
       uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;  // lane (head, t) of k-step sq

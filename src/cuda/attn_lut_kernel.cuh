@@ -1,4 +1,4 @@
-// Decode attention for 4-bit TurboQuant K and V (head_dim 64/128/256) with no shared-memory
+// Decode attention for 4-bit TurboQuant K and V (head_dim 64-512) with no shared-memory
 // staging and no per-tile block barriers: every warp streams its own 16-row chunks from global
 // memory straight into registers, in the byte order the mma fragments want, and keeps its own
 // running max, sum and output; the block merges its warps once at the end.
@@ -10,7 +10,7 @@
 // (one copy per bank, so the 32 lanes never conflict), and the rest of the tile machinery
 // (cp.async, swizzles, barriers, scores through shared memory) is gone.
 //
-// Fragment layout (lane = 4r + t):
+// Fragment layout (lane = 4r + t; D here is a warp's slice of the row, DS <= 128, see Layout):
 //   QK: A = K rows (r, r+8) of the chunk; the lane loads bytes [t*D/8, (t+1)*D/8) of each row,
 //       and k-step s uses bytes 2s, 2s+1: coordinates t*D/4 + 4s + 0..3 (the query is laid out
 //       to match, as in the tile kernel). B = query heads (hi + lo f16 parts; PACK: both in one
@@ -38,18 +38,28 @@ constexpr int kRows = 16;                       // rows per warp step (the mma's
 // so a single byte permute forms a lookup's whole address (lane offset in the low byte, the
 // stored byte above it) and every lane reads its own bank.
 constexpr int kTableBytes = 256 * 256;
-constexpr int kMinRowsPerSplit = kWarps * kRows;  // every warp gets a chunk
+constexpr int kMinRowsPerSplit = kWarps * kRows;  // every group (every warp at D <= 128) gets a chunk
 constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PACK applies
 
+// Heads wider than 128 are cut into slices of 128 coordinates, one warp per slice: the NS warps
+// of a group take the same rows, add their partial scores through shared memory (one named
+// barrier per chunk) and each accumulates its own slice of the output. Every warp then holds what
+// a warp holds at D = 128 (128 registers, two blocks per SM); whole rows per warp needed 243
+// registers at D = 256 (8 warps per SM) and more than a thread has at D = 512.
 template <int D>
 struct Layout {
-  static constexpr int kSteps = D / 16;                 // QK k-steps = PV m-tiles
+  static constexpr int DS = D < 128 ? D : 128;          // coordinates per warp
+  static constexpr int NS = D / DS;                     // warps per group (slices of a row)
+  static constexpr int kGroups = kWarps / NS;           // groups: each streams its own chunks
+  static constexpr int kSteps = DS / 16;                // QK k-steps = PV m-tiles of a slice
   static constexpr int kHeadStride = D + 8;             // merge buffer, padded against conflicts
-  static constexpr int kMerge = kWarps * kHeadsPerBlock * kHeadStride * 4;
-  static constexpr int kQ = kSteps * 32 * 16;           // uint4 per (k-step, lane)
+  static constexpr int kMerge = kGroups * kHeadsPerBlock * kHeadStride * 4;
+  static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
+  static constexpr int kX = NS > 1 ? 2 * kWarps * 32 * 16 : 0;  // partial scores, two chunks' worth
   static constexpr int kMisc = (2 + 2 * kWarps) * kHeadsPerBlock * 4;
   static constexpr int kRegion = kTableBytes > kMerge ? kTableBytes : kMerge;
-  static constexpr int kBytes = kRegion + kQ + kMisc;
+  static constexpr int kBytes = kRegion + kQ + kX + kMisc;
+  static_assert(kWarps % NS == 0, "whole groups per block");
 };
 
 template <int D>
@@ -102,6 +112,26 @@ __device__ __forceinline__ uint32_t select_nibbles(uint32_t a, uint32_t b) {
   return r;
 }
 
+// Named barrier 1 + g (0 is __syncthreads) for the `threads` threads of group g. Immediate ids:
+// with an id in a register ptxas reserves all 16 barriers of the block.
+template <int G>
+__device__ __forceinline__ void group_barrier(int g, int threads) {
+  static_assert(G <= 4, "barrier ids");
+  if (g == 0) asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+  else if (G > 1 && g == 1) asm volatile("bar.sync 2, %0;" ::"r"(threads) : "memory");
+  else if (G > 2 && g == 2) asm volatile("bar.sync 3, %0;" ::"r"(threads) : "memory");
+  else if (G > 3) asm volatile("bar.sync 4, %0;" ::"r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void sts128(uint32_t a, float4 v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1,%2,%3,%4};" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
+__device__ __forceinline__ float4 lds128(uint32_t a) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a) : "memory");
+  return v;
+}
+
 // MINB: resident blocks per SM asked of the register allocator (2 caps a thread at 128).
 // SF16: the row scales are f16 (else f32); one configuration field sets both planes.
 // PACK (at most 4 query heads per block): the mma's 8 head columns carry the hi parts of the
@@ -111,20 +141,22 @@ __device__ __forceinline__ uint32_t select_nibbles(uint32_t a, uint32_t b) {
 template <int D, int MINB, bool SF16, bool PACK>
 __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
   using Lay = Layout<D>;
-  using Ch = Chunk<D>;
+  constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
+  using Ch = Chunk<DS>;
   constexpr int S = Lay::kSteps;
   constexpr int KS = D / 2, VS = D / 2;  // row strides of TQ4 rows (D/2 bytes, 16-aligned)
   extern __shared__ __align__(16) uint8_t smem[];
   const uint8_t* tab = smem;
   float* merge = reinterpret_cast<float*>(smem);  // reuses the tables after the loop
   uint32_t* q_hl = reinterpret_cast<uint32_t*>(smem + Lay::kRegion);
-  float* misc = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(q_hl) + Lay::kQ);
+  float* misc = reinterpret_cast<float*>(smem + Lay::kRegion + Lay::kQ + Lay::kX);
   float* q_unscale = misc;
   float* bias = misc + kHeadsPerBlock;
   float* wm = bias + kHeadsPerBlock;       // [warp][head]
   float* wl = wm + kWarps * kHeadsPerBlock;  // [warp][head]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int slice = warp % NS, grp = warp / NS;
   const uint32_t split = blockIdx.x, hkv_idx = blockIdx.y / p.head_chunks, hchunk = blockIdx.y % p.head_chunks;
   const uint32_t b = blockIdx.z;
   const uint32_t h0 = hkv_idx * p.group + hchunk * kHeadsPerBlock;
@@ -157,10 +189,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 
   const int r = lane >> 2, t = lane & 3;
   constexpr uint32_t kss = SF16 ? 2 : 4, vss = kss;
-  // This lane's bytes of slot 0 of the sequence's KV head: K row columns [t*D/8, ...), V row
-  // columns [r*D/16, ...); a row at slot x is x strides further.
-  const uint8_t* kl = p.k_data + row_base * KS + t * (D / 8);
-  const uint8_t* vl = p.v_data + row_base * VS + r * (D / 16);
+  // This lane's bytes of slot 0 of the sequence's KV head, within the warp's slice (bytes
+  // [slice*DS/2, ...) of a row): K columns [t*DS/8, ...), V columns [r*DS/16, ...); a row at
+  // slot x is x strides further.
+  const uint8_t* kl = p.k_data + row_base * KS + slice * (DS / 2) + t * (DS / 8);
+  const uint8_t* vl = p.v_data + row_base * VS + slice * (DS / 2) + r * (DS / 16);
   const uint8_t* knl = static_cast<const uint8_t*>(p.k_scales) + row_base * kss;
   const uint8_t* vnl = static_cast<const uint8_t*>(p.v_scales) + row_base * vss;
   // Positions are counted from my_lo in 32 bits (a split holds far fewer than 2^31 rows).
@@ -204,26 +237,26 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     c.vn[1] = ldg_scale<SF16>(vnl + size_t(sr1) * vss);
   };
 
-  // First chunk's loads go out before the prologue.
-  constexpr int step = kWarps * kRows;
-  int rel = warp * kRows;
+  // First chunk's loads go out before the prologue. The warps of a group take the same chunks.
+  constexpr int step = G * kRows;
+  int rel = grp * kRows;
   uint32_t s0 = p.ring ? uint32_t((my_lo + rel) % int64_t(cap)) : uint32_t(my_lo + rel);
   Ch cur, nxt;
   if (rel < n_my) load(cur, rel, s0);
 
   // ---- prologue: each warp rotates and scales one query head ----
-  query_fragments<D, kWarps, true>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
+  query_fragments<D, kWarps, true, DS>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   __syncthreads();
 
   // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to D = 128,
   // the lo parts only at D = 64 (more would spill at 128 registers); the rest are read from
   // shared memory per k-step. PACK: column r >= 4 is the lo part of head r - 4, which the
   // prologue stored at lane - 16.
-  constexpr bool kQHi = D <= 128, kQLo = D <= 64 && !PACK;
+  constexpr bool kQHi = DS <= 128, kQLo = DS <= 64 && !PACK;
   const int qlane = PACK && r >= 4 ? lane - 16 : lane;
   const int qhalf = PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
-  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl);
+  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl) + slice * S * 32;  // this slice's k-steps
 #pragma unroll
   for (int s = 0; s < S; ++s) {
     const uint4 v = q4[s * 32 + qlane];
@@ -240,6 +273,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const float qun0 = q_unscale[hd] * to_x, qun1 = q_unscale[hd + 1] * to_x;
   const float bias0 = bias[hd] * to_x, bias1 = bias[hd + 1] * to_x;
   const float vmul = rsqrtf(float(D));
+  // Partial scores, [chunk parity][warp][lane] float4 (shared-window addresses: fewer registers).
+  // xw: this lane's slot in this chunk's half; the group's slots are slice * 512 bytes below.
+  constexpr uint32_t kXHalf = kWarps * 32 * 16;
+  uint32_t xw = uint32_t(__cvta_generic_to_shared(smem + Lay::kRegion + Lay::kQ)) + uint32_t(warp * 32 + lane) * 16;
+  uint32_t xflip = kXHalf;  // added to xw after each chunk, negated each time
   const uint32_t ktl = 4u * uint32_t(lane), vtl = 128u + 4u * uint32_t(lane);
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
@@ -278,13 +316,39 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       }
     }
     // x: rows r, r+8 x heads hd, hd+1 (C fragment order), in log2 units.
-    float x[4];
+    float dotv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float dotv = cc[0][e] + cc[1][e];
-      if constexpr (PACK) dotv += __shfl_xor_sync(0xFFFFFFFFu, dotv, 2);  // hi columns + lo columns
-      x[e] = fmaf(dotv, (e & 1 ? qun1 : qun0) * c.kn[e >> 1], e & 1 ? bias1 : bias0);
+      dotv[e] = cc[0][e] + cc[1][e];
+      if constexpr (PACK) dotv[e] += __shfl_xor_sync(0xFFFFFFFFu, dotv[e], 2);  // hi columns + lo columns
     }
+    if constexpr (NS > 1) {
+      // The group's slices add up in one fixed order, so its warps hold bit-identical scores and
+      // take identical softmax decisions (the merge uses one warp's maxima and sums per group).
+      // Two buffers by chunk parity: a warp can rewrite one only after the next barrier, which
+      // every warp of the group passes after reading it.
+      sts128(xw, make_float4(dotv[0], dotv[1], dotv[2], dotv[3]));
+      group_barrier<G>(grp, NS * 32);
+      const uint32_t x0 = xw - uint32_t(slice) * 512u;
+      float4 sum = lds128(x0);
+#pragma unroll
+      for (int j = 1; j < NS; ++j) {
+        const float4 o = lds128(x0 + uint32_t(j) * 512u);
+        sum.x += o.x;
+        sum.y += o.y;
+        sum.z += o.z;
+        sum.w += o.w;
+      }
+      dotv[0] = sum.x;
+      dotv[1] = sum.y;
+      dotv[2] = sum.z;
+      dotv[3] = sum.w;
+      xw += xflip;
+      xflip = 0u - xflip;
+    }
+    float x[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * c.kn[e >> 1], e & 1 ? bias1 : bias0);
     if (capped)  // one branch for the chunk's four scores
 #pragma unroll
       for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
@@ -388,18 +452,19 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     wl[warp * kHeadsPerBlock + hd + 1] = l1;
   }
   __syncthreads();  // also: every warp is done with the tables, which the merge buffer reuses
+  // One warp per group speaks for it (its slices hold the same maxima and sums).
   float bm0 = -INFINITY, bm1 = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < kWarps; w += NS) {
     bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
     bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
   }
   const float f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
   const float f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
-  float* mw = merge + warp * kHeadsPerBlock * Lay::kHeadStride;
+  float* mw = merge + grp * kHeadsPerBlock * Lay::kHeadStride;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
-    const int coord = r * (D / 8) + 2 * i;
+    const int coord = slice * DS + r * (DS / 8) + 2 * i;
     *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + coord) = make_float2(acc[i][0] * f0, acc[i][2] * f0);
     *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + coord) =
         make_float2(acc[i][1] * f1, acc[i][3] * f1);
@@ -412,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     const int head = idx / D, coord = idx % D;
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += merge[(w * kHeadsPerBlock + head) * Lay::kHeadStride + coord];
+    for (int g = 0; g < G; ++g) sum += merge[(g * kHeadsPerBlock + head) * Lay::kHeadStride + coord];
     po[head * head_stride + coord] = bad ? nanv : sum;
   }
   // The block's sums, by the lanes that already hold its maxima for heads hd, hd+1.
@@ -423,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       if (head >= nh) continue;
       const float bm = e ? bm1 : bm0, bmu = bm == -INFINITY ? 0.0f : bm;
       float l = 0.0f;
-      for (int w = 0; w < kWarps; ++w)
+      for (int w = 0; w < kWarps; w += NS)
         l += wl[w * kHeadsPerBlock + head] * fast_exp2(wm[w * kHeadsPerBlock + head] - bmu);
       float* ml = p.part_ml + ((size_t(b) * p.num_q_heads + h0 + head) * p.nsplit + split) * 2;
       ml[0] = bad ? nanv : bm;
@@ -431,8 +496,9 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
 }
 
+// Every D: a warp holds at most 128 coordinates (see Layout).
 template <int D>
-constexpr int kMinBlocks = D <= 128 ? 2 : 1;
+constexpr int kMinBlocks = 2;
 
 template <int D>
 void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
