@@ -47,8 +47,11 @@ constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PA
 // a warp holds at D = 128 (128 registers, two blocks per SM); whole rows per warp needed 243
 // registers at D = 256 (8 warps per SM) and more than a thread has at D = 512.
 template <int D>
+constexpr int kSlice = D <= 128 ? D : D == 512 ? 256 : 128;
+
+template <int D>
 struct Layout {
-  static constexpr int DS = D < 128 ? D : 128;          // coordinates per warp
+  static constexpr int DS = kSlice<D>;                  // coordinates per warp
   static constexpr int NS = D / DS;                     // warps per group (slices of a row)
   static constexpr int kGroups = kWarps / NS;           // groups: each streams its own chunks
   static constexpr int kSteps = DS / 16;                // QK k-steps = PV m-tiles of a slice
@@ -498,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 
 // Every D: a warp holds at most 128 coordinates (see Layout).
 template <int D>
-constexpr int kMinBlocks = 2;
+constexpr int kMinBlocks = kSlice<D> <= 128 ? 2 : 1;
 
 template <int D>
 void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
