@@ -309,6 +309,22 @@ TEST(CudaAttention, WideHeadsSplitOverWarps) {
   }
 }
 
+// The same paths at lengths that finish in seconds under compute-sanitizer (run it with
+// TQKV_CUDA_KERNEL=lut so that 8 heads per KV head take the table-lookup kernel too).
+TEST(CudaAttention, WideHeadsShort) {
+  SKIP_WITHOUT_GPU();
+  for (uint32_t d : {256u, 512u})
+    for (uint32_t g : {2u, 8u}) {
+      Case c;
+      c.d = d;
+      c.hkv = 2;
+      c.g = g;
+      c.lens = {300, 37, 0};
+      c.sinks = g == 8;
+      run(c);
+    }
+}
+
 TEST(CudaAttention, LongContexts) {
   SKIP_WITHOUT_GPU();
   Case c;
