@@ -1,6 +1,6 @@
-// Reproducer: compute-sanitizer racecheck reports hazards in a program that has none, once
-// groups of warps synchronise on named barriers with thread counts (bar.sync id, n) a different
-// number of times. Every shared access below is ordered by __syncthreads or by the group's own
+// Reproducer: compute-sanitizer racecheck reports hazards in a program that has none, where
+// groups of warps synchronise on named barriers with thread counts (bar.sync id, n), here a
+// different number of times per group. Every shared access below is ordered by __syncthreads or by the group's own
 // barrier, yet racecheck (CUDA 13.0, H100) reports the write after the last __syncthreads as a
 // race. The table-lookup attention kernel (src/cuda/attn_lut_kernel.cuh, D = 256 and 512) draws
 // the same reports on its block merge for the same reason; memcheck and synccheck are clean.
