@@ -423,6 +423,14 @@ TEST(CudaAttention, ErrorsNameTheParameter) {
   pw.workspace_bytes = 16;
   EXPECT_EQ(tqkv_attend(dev.get(), &pw, dq.f(), dout.f(), nullptr), TQKV_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(tqkv_last_error()).find("workspace_bytes"), std::string::npos) << tqkv_last_error();
+  size_t ws_bytes = 0;
+  ASSERT_EQ(tqkv_attend_workspace_size(dev.get(), &p, &ws_bytes), TQKV_OK);
+  DevBuf ws(ws_bytes + 16);
+  pw.workspace = static_cast<uint8_t*>(ws.p) + 4;
+  pw.workspace_bytes = ws_bytes;
+  EXPECT_EQ(tqkv_attend(dev.get(), &pw, dq.f(), dout.f(), nullptr), TQKV_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tqkv_last_error()).find("workspace: must be 16-byte aligned"), std::string::npos)
+      << tqkv_last_error();
   const int64_t pos = 0;
   EXPECT_EQ(tqkv_attend_seq(dev.get(), 0, 1, &pos, &p, dq.f(), dout.f(), nullptr), TQKV_ERROR_UNSUPPORTED);
   CacheConfig bad = cfg;
@@ -440,6 +448,14 @@ TEST(CudaAttention, ErrorsNameTheParameter) {
   CU(cudaMemcpy(lse.data(), dlse.p, 16, cudaMemcpyDeviceToHost));
   for (float x : hout) EXPECT_EQ(x, 0.0f);
   for (float x : lse) EXPECT_TRUE(std::isinf(x) && x < 0);
+  // out at an odd float offset (a view into a larger tensor): written, nothing around it.
+  DevBuf wide((hout.size() + 2) * 4);
+  wide.poison();
+  ASSERT_EQ(tqkv_attend(dev.get(), &p, dq.f(), wide.f() + 1, nullptr), TQKV_OK) << tqkv_last_error();
+  std::vector<float> all(hout.size() + 2);
+  CU(cudaMemcpy(all.data(), wide.p, all.size() * 4, cudaMemcpyDeviceToHost));
+  EXPECT_TRUE(std::isnan(all.front()) && std::isnan(all.back()));
+  for (size_t i = 1; i + 1 < all.size(); ++i) EXPECT_EQ(all[i], 0.0f) << i;
 }
 
 #else

@@ -151,8 +151,9 @@ typedef struct tqkv_attn_params {
   const int64_t* q_pos;    /* [num_seqs] query positions, or NULL = each sequence's last position */
   const float* sinks;      /* [num_q_heads] sink logits joining each softmax denominator, or NULL */
   uint32_t num_threads;    /* CPU: 0 = all available */
-  /* CUDA: device scratch for the split-K partials, at least tqkv_attend_workspace_size bytes, or
-   * NULL to use one the cache owns (grown on first use; it cannot grow during graph capture). */
+  /* CUDA: device scratch for the split-K partials, at least tqkv_attend_workspace_size bytes and
+   * 16-byte aligned, or NULL to use one the cache owns (grown on first use; it cannot grow during
+   * graph capture). */
   void* workspace;
   size_t workspace_bytes;
 } tqkv_attn_params;

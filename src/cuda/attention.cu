@@ -187,11 +187,22 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
       for (int j = 0; j < V; ++j) o[i][j] = 0.0f;
       if (s < nsplit) {
         v[i] = *reinterpret_cast<const float2*>(ml + 2 * s);
+        if constexpr (V >= 8) {  // wide heads; 16-byte aligned: the workspace is, and so is lane * V
 #pragma unroll
-        for (int j = 0; j < V; j += 2) {
-          const float2 x = *reinterpret_cast<const float2*>(po + size_t(s) * D + j);
-          o[i][j] = x.x;
-          o[i][j + 1] = x.y;
+          for (int j = 0; j < V; j += 4) {
+            const float4 x = *reinterpret_cast<const float4*>(po + size_t(s) * D + j);
+            o[i][j] = x.x;
+            o[i][j + 1] = x.y;
+            o[i][j + 2] = x.z;
+            o[i][j + 3] = x.w;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; j += 2) {
+            const float2 x = *reinterpret_cast<const float2*>(po + size_t(s) * D + j);
+            o[i][j] = x.x;
+            o[i][j + 1] = x.y;
+          }
         }
       }
     }
@@ -255,9 +266,16 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] *= norm * signs[lane * V + j];
   }
+  // out is the caller's and may be any float* (a view at an odd offset included): pairs only
+  // where it is 8-byte aligned (the same for every lane and row).
+  float* o = out + size_t(row) * D + lane * V;
+  if ((reinterpret_cast<uintptr_t>(out) & 7) == 0) {
 #pragma unroll
-  for (int j = 0; j < V; j += 2)
-    *reinterpret_cast<float2*>(out + size_t(row) * D + lane * V + j) = make_float2(y[j], y[j + 1]);
+    for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(o + j) = make_float2(y[j], y[j + 1]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = y[j];
+  }
   if (lse && lane == 0)
     lse[row] = any_bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);
 }
