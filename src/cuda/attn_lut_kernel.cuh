@@ -10,7 +10,7 @@
 // (one copy per bank, so the 32 lanes never conflict), and the rest of the tile machinery
 // (cp.async, swizzles, barriers, scores through shared memory) is gone.
 //
-// Fragment layout (lane = 4r + t; D here is a warp's slice of the row, DS <= 128, see Layout):
+// Fragment layout (lane = 4r + t; D here is a warp's slice of the row, DS <= 256, see Layout):
 //   QK: A = K rows (r, r+8) of the chunk; the lane loads bytes [t*D/8, (t+1)*D/8) of each row,
 //       and k-step s uses bytes 2s, 2s+1: coordinates t*D/4 + 4s + 0..3 (the query is laid out
 //       to match, as in the tile kernel). B = query heads (hi + lo f16 parts; PACK: both in one
@@ -41,11 +41,13 @@ constexpr int kTableBytes = 256 * 256;
 constexpr int kMinRowsPerSplit = kWarps * kRows;  // every group (every warp at D <= 128) gets a chunk
 constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PACK applies
 
-// Heads wider than 128 are cut into slices of 128 coordinates, one warp per slice: the NS warps
-// of a group take the same rows, add their partial scores through shared memory (one named
-// barrier per chunk) and each accumulates its own slice of the output. Every warp then holds what
-// a warp holds at D = 128 (128 registers, two blocks per SM); whole rows per warp needed 243
-// registers at D = 256 (8 warps per SM) and more than a thread has at D = 512.
+// Heads wider than 128 are cut into slices, one warp per slice: the NS warps of a group take the
+// same rows, add their partial scores through shared memory (one named barrier per chunk) and
+// each accumulates its own slice of the output. Whole rows per warp needed 243 registers at
+// D = 256 and more than a thread has at D = 512. D = 256: two slices of 128, so a warp holds what
+// it holds at D = 128 (128 registers, two blocks per SM; as fast as whole rows). D = 512: two
+// slices of 256 (252 registers, one block per SM), faster than four of 128, which spilled and
+// repeated the softmax four times (docs/cuda-kernel-notes.md, steps 39-40).
 template <int D>
 constexpr int kSlice = D <= 128 ? D : D == 512 ? 256 : 128;
 
@@ -251,8 +253,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   query_fragments<D, kWarps, true, DS>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   __syncthreads();
 
-  // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to D = 128,
-  // the lo parts only at D = 64 (more would spill at 128 registers); the rest are read from
+  // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to a slice of
+  // 128, the lo parts only at 64 (more would spill at 128 registers); the rest are read from
   // shared memory per k-step. PACK: column r >= 4 is the lo part of head r - 4, which the
   // prologue stored at lane - 16.
   constexpr bool kQHi = DS <= 128, kQLo = DS <= 64 && !PACK;
@@ -479,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if constexpr (D >= 256) {
     // Four coordinates per thread and step (wide heads: 16 steps of one at D = 512): the merge
     // rows (D + 8 floats) and the partials (16-byte aligned workspace, D-float rows) are both
-    // 16-byte aligned. (At D = 128 this measured slower than one coordinate per step.)
+    // 16-byte aligned. (A build doing this at D = 128 too was slower there: kernel notes, step 42.)
     for (int idx = 4 * tid; idx < nh * D; idx += 4 * kThreads) {
       const int head = idx / D, coord = idx % D;
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -519,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
 }
 
-// Every D: a warp holds at most 128 coordinates (see Layout).
+// Two blocks per SM where a warp holds at most 128 coordinates, one for slices of 256 (Layout).
 template <int D>
 constexpr int kMinBlocks = kSlice<D> <= 128 ? 2 : 1;
 
