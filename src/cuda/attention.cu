@@ -268,13 +268,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   }
   // out is the caller's and may be any float* (a view at an odd offset included): pairs only
   // where it is 8-byte aligned (the same for every lane and row).
-  float* o = out + size_t(row) * D + lane * V;
+  float* dst = out + size_t(row) * D + lane * V;
   if ((reinterpret_cast<uintptr_t>(out) & 7) == 0) {
 #pragma unroll
-    for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(o + j) = make_float2(y[j], y[j + 1]);
+    for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(dst + j) = make_float2(y[j], y[j + 1]);
   } else {
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = y[j];
+    for (int j = 0; j < V; ++j) dst[j] = y[j];
   }
   if (lse && lane == 0)
     lse[row] = any_bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);

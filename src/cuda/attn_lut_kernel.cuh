@@ -60,7 +60,8 @@ struct Layout {
   static constexpr int kHeadStride = D + 8;             // merge buffer, padded against conflicts
   static constexpr int kMerge = kGroups * kHeadsPerBlock * kHeadStride * 4;
   static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
-  static constexpr int kX = NS > 1 ? 2 * kWarps * 32 * 16 : 0;  // partial scores, two chunks' worth
+  static constexpr int kXWarp = 32 * 16;                        // one warp's partial scores: a float4 per lane
+  static constexpr int kX = NS > 1 ? 2 * kWarps * kXWarp : 0;  // two chunks' worth
   static constexpr int kMisc = (2 + 2 * kWarps) * kHeadsPerBlock * 4;
   static constexpr int kRegion = kTableBytes > kMerge ? kTableBytes : kMerge;
   static constexpr int kBytes = kRegion + kQ + kX + kMisc;
@@ -279,8 +280,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const float bias0 = bias[hd] * to_x, bias1 = bias[hd + 1] * to_x;
   const float vmul = rsqrtf(float(D));
   // Partial scores, [chunk parity][warp][lane] float4 (shared-window addresses: fewer registers).
-  // xw: this lane's slot in this chunk's half; the group's slots are slice * 512 bytes below.
-  constexpr uint32_t kXHalf = kWarps * 32 * 16;
+  // xw: this lane's slot in this chunk's half; the group's first slot is slice * kXWarp below.
+  constexpr uint32_t kXWarp = Lay::kXWarp, kXHalf = kWarps * kXWarp;
   uint32_t xw = uint32_t(__cvta_generic_to_shared(smem + Lay::kRegion + Lay::kQ)) + uint32_t(warp * 32 + lane) * 16;
   uint32_t xflip = kXHalf;  // added to xw after each chunk, negated each time
   const uint32_t ktl = 4u * uint32_t(lane), vtl = 128u + 4u * uint32_t(lane);
@@ -334,11 +335,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       // every warp of the group passes after reading it.
       sts128(xw, make_float4(dotv[0], dotv[1], dotv[2], dotv[3]));
       group_barrier<G>(grp, NS * 32);
-      const uint32_t x0 = xw - uint32_t(slice) * 512u;
+      const uint32_t x0 = xw - uint32_t(slice) * kXWarp;
       float4 sum = lds128(x0);
 #pragma unroll
       for (int j = 1; j < NS; ++j) {
-        const float4 o = lds128(x0 + uint32_t(j) * 512u);
+        const float4 o = lds128(x0 + uint32_t(j) * kXWarp);
         sum.x += o.x;
         sum.y += o.y;
         sum.z += o.z;
