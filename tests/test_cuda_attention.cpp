@@ -66,6 +66,8 @@ struct Case {
   float softcap = 0;
   bool sinks = false, device_sinks = false;
   bool f16_scale = false, center = false;
+  // q and out this many floats into their buffers (views into larger tensors: any alignment).
+  uint32_t q_off = 0, out_off = 0;
 
   std::string str() const {
     std::ostringstream o;
@@ -74,6 +76,7 @@ struct Case {
     o << " ring=" << ring << " cap=" << cap << " mask=" << int(mask) << " w=" << window << " qpos=" << random_qpos
       << "/" << device_qpos << " softcap=" << softcap << " sinks=" << sinks << "/" << device_sinks
       << " f16scale=" << f16_scale << " center=" << center;
+    if (q_off || out_off) o << " q_off=" << q_off << " out_off=" << out_off;
     return o.str();
   }
 };
@@ -135,9 +138,13 @@ void run(const Case& c) {
   if (c.random_qpos) p.with_q_pos(qpos);
 
   const size_t n_out = size_t(nseq) * hq * c.d;
-  DevBuf dq(n_out * 4), dout(n_out * 4), dlse(size_t(nseq) * hq * 4), dqpos(nseq * 8), dsinks(hq * 4);
+  // out gets one poisoned float after it (and out_off before it) that must stay untouched.
+  DevBuf dq((n_out + c.q_off) * 4), dout((n_out + c.out_off + 1) * 4), dlse(size_t(nseq) * hq * 4), dqpos(nseq * 8),
+      dsinks(hq * 4);
   ASSERT_TRUE(dq.p && dout.p && dlse.p && dqpos.p && dsinks.p);
-  CU(cudaMemcpy(dq.p, q.data(), n_out * 4, cudaMemcpyHostToDevice));
+  float* const qv = dq.f() + c.q_off;
+  float* const ov = dout.f() + c.out_off;
+  CU(cudaMemcpy(qv, q.data(), n_out * 4, cudaMemcpyHostToDevice));
   CU(cudaMemcpy(dqpos.p, qpos.data(), nseq * 8, cudaMemcpyHostToDevice));
   CU(cudaMemcpy(dsinks.p, sinks.data(), hq * 4, cudaMemcpyHostToDevice));
   AttnParams pd = p;
@@ -146,11 +153,14 @@ void run(const Case& c) {
   dout.poison();
   dlse.poison();
   const auto before = counters();
-  ASSERT_EQ(tqkv_attend(dev.get(), &pd, dq.f(), dout.f(), dlse.f()), TQKV_OK) << tqkv_last_error();
+  ASSERT_EQ(tqkv_attend(dev.get(), &pd, qv, ov, dlse.f()), TQKV_OK) << tqkv_last_error();
   CU(cudaDeviceSynchronize());
   const auto after = counters();
-  std::vector<float> out(n_out), lse(size_t(nseq) * hq);
-  CU(cudaMemcpy(out.data(), dout.p, n_out * 4, cudaMemcpyDeviceToHost));
+  std::vector<float> out(n_out), lse(size_t(nseq) * hq), whole(n_out + c.out_off + 1);
+  CU(cudaMemcpy(whole.data(), dout.p, whole.size() * 4, cudaMemcpyDeviceToHost));
+  std::copy_n(whole.begin() + c.out_off, n_out, out.begin());
+  for (uint32_t i = 0; i < c.out_off; ++i) EXPECT_TRUE(std::isnan(whole[i])) << "written before out: " << i;
+  EXPECT_TRUE(std::isnan(whole.back())) << "written past out";
   CU(cudaMemcpy(lse.data(), dlse.p, lse.size() * 4, cudaMemcpyDeviceToHost));
 
   std::vector<float> ref(n_out), lse_ref(lse.size()), ref16(n_out), lse16(lse.size());
@@ -321,6 +331,22 @@ TEST(CudaAttention, WideHeadsShort) {
       c.g = g;
       c.lens = {300, 37, 0};
       c.sinks = g == 8;
+      run(c);
+    }
+}
+
+// The query and the output are the caller's pointers and may be views at any float offset:
+// loads and stores of four or two floats are used only where their alignment allows.
+TEST(CudaAttention, QueryAndOutputAtAnyOffset) {
+  SKIP_WITHOUT_GPU();
+  for (uint32_t d : {64u, 128u, 256u, 512u})
+    for (uint32_t off : {1u, 2u, 3u}) {
+      Case c;
+      c.d = d;
+      c.g = d == 512 ? 8 : 4;
+      c.lens = {300, 41};
+      c.q_off = off;
+      c.out_off = (off + 1) % 4;  // 2, 3, 0: out's alignment differs from q's
       run(c);
     }
 }

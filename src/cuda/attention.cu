@@ -263,18 +263,41 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   if (rotated) {  // x = s .* (H y) / sqrt(D)
     warp_fwht<V>(y, lane);
     const float norm = rsqrtf(float(D));
+    float sg[V];
+    if constexpr (V >= 4) {  // the library's signs: 16-byte aligned
 #pragma unroll
-    for (int j = 0; j < V; ++j) y[j] *= norm * signs[lane * V + j];
+      for (int j = 0; j < V; j += 4) {
+        const float4 f = *reinterpret_cast<const float4*>(signs + lane * V + j);
+        sg[j] = f.x;
+        sg[j + 1] = f.y;
+        sg[j + 2] = f.z;
+        sg[j + 3] = f.w;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) sg[j] = signs[lane * V + j];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[j] *= norm * sg[j];
   }
-  // out is the caller's and may be any float* (a view at an odd offset included): pairs only
-  // where it is 8-byte aligned (the same for every lane and row).
+  // out is the caller's and may be any float* (a view at an odd offset included): fours or
+  // pairs only where it is 16- or 8-byte aligned (the same for every lane and row).
   float* dst = out + size_t(row) * D + lane * V;
-  if ((reinterpret_cast<uintptr_t>(out) & 7) == 0) {
+  const uintptr_t oa = reinterpret_cast<uintptr_t>(out);
+  if constexpr (V >= 4) {
+    if ((oa & 15) == 0) {
 #pragma unroll
-    for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(dst + j) = make_float2(y[j], y[j + 1]);
-  } else {
+      for (int j = 0; j < V; j += 4) *reinterpret_cast<float4*>(dst + j) = make_float4(y[j], y[j + 1], y[j + 2], y[j + 3]);
+    }
+  }
+  if ((oa & 15) != 0 || V < 4) {
+    if ((oa & 7) == 0) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) dst[j] = y[j];
+      for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(dst + j) = make_float2(y[j], y[j + 1]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) dst[j] = y[j];
+    }
   }
   if (lse && lane == 0)
     lse[row] = any_bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);

@@ -204,32 +204,114 @@ __device__ __forceinline__ Slice split_slice(const AttnKernelParams& p, uint32_t
   return {my_lo, min(hi, my_lo + per), bad};
 }
 
+// The query's registers in the prologue: register j of lane l holds coordinate qcoord<D>(l, j),
+// runs of 4 (of 2 at D = 64) per lane with the lanes side by side, so that each load of q, the
+// key mean and the signs reads 512 contiguous bytes. Lane-contiguous rows (l*D/32 + j) made a
+// wide head's loads touch 16 lines each, 48 of them per lane at D = 512, and the block's L1
+// spent microseconds on them (docs/cuda-kernel-notes.md, step 44).
+template <int D>
+__device__ __forceinline__ int qcoord(int lane, int j) {
+  constexpr int R = D / 32 < 4 ? D / 32 : 4;  // run length
+  return (j / R) * (32 * R) + lane * R + j % R;
+}
+
+// The unnormalized Hadamard transform on the qcoord layout. It is a product of commuting
+// butterflies, one per coordinate bit, so any order gives it: register-index bits first (the
+// run's bits and those above the lanes'), then the lane bits by shuffles.
+template <int D>
+__device__ __forceinline__ void query_fwht(float (&x)[D / 32], int lane) {
+  constexpr int V = D / 32;
+#pragma unroll
+  for (int h = 1; h < V; h *= 2)
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (!(j & h)) {
+        const float u = x[j], v = x[j + h];
+        x[j] = u + v;
+        x[j + h] = u - v;
+      }
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) {
+    const float sgn = (lane & m) ? -1.0f : 1.0f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float o = __shfl_xor_sync(0xFFFFFFFFu, x[j], m);
+      x[j] = fmaf(sgn, x[j], o);
+    }
+  }
+}
+
+// V floats of src in the qcoord layout (src 16-byte aligned when ALIGNED: float4 runs).
+template <int D, bool ALIGNED>
+__device__ __forceinline__ void load_qlayout(const float* src, int lane, float (&x)[D / 32]) {
+  constexpr int V = D / 32;
+  if constexpr (ALIGNED && V >= 4) {
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(src + qcoord<D>(lane, j));
+      x[j] = f.x;
+      x[j + 1] = f.y;
+      x[j + 2] = f.z;
+      x[j + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] = src[qcoord<D>(lane, j)];
+  }
+}
+
+// The query fragment (uint4) of k-step s for mma lane `lane` (= 4 * head + t). SWZ: lanes
+// XOR-swizzled by s. A prologue lane writes one head's run of consecutive k-steps at once,
+// which otherwise falls on one bank group per 8 lanes (8-way conflicts per 16-byte store);
+// swizzled, the mma's reads of a k-step still take 32 distinct entries of one 512-byte row, but
+// with 8 lane patterns (8 address registers where the loop reads the query from shared
+// memory), so only the kernel whose loop reads it there anyway uses it.
+template <bool SWZ>
+__device__ __forceinline__ int qslot(int s, int lane) { return s * 32 + (SWZ ? lane ^ (s & 7) : lane); }
+
 // Prologue shared by the kernels: warps w, w + WARPS, ... rotate and scale query heads of the
-// block in registers (lane l holds coordinates l*D/32 ..), then write them as the QK mma's B
-// fragments: thread (r = head, t) of k-step s reads coordinates t*D/4 + 4s + 0..3, as uint4
-// {hi(0,1), hi(2,3), lo(0,1), lo(2,3)} at index s*32 + head*4 + t (its lane: no conflicts).
+// block in registers, then write them as the QK mma's B fragments: thread (r = head, t) of
+// k-step s reads coordinates t*D/4 + 4s + 0..3, as uint4 {hi(0,1), hi(2,3), lo(0,1), lo(2,3)}
+// at qslot<SWZ>(s, head*4 + t).
 // DS < D: the coordinates form D/DS slices of DS, each laid out as above for a head of DS
 // (slice j's k-steps are j*DS/16 ..), for kernels that give each slice its own warp.
 // Rotated coordinates (FWHT / sqrt(D)) also carry 1/sqrt(D) for centroid units: 1/D in all.
 // q_unscale[h] undoes the power-of-two scaling, bias[h] = scale * q . mu (key centering).
-template <int D, int WARPS, bool ROTATED, int DS = D>
+template <int D, int WARPS, bool ROTATED, int DS = D, bool SWZ = false>
 __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint32_t b, uint32_t hkv_idx, uint32_t h0,
                                                 int nh, int warp, int lane, uint32_t* q_hl, float* q_unscale,
                                                 float* bias) {
   constexpr int V = D / 32;
   const float post = ROTATED ? 1.0f / float(D) : 1.0f;
+  // The key means and signs are the library's (cudaMalloc'd, rows of D floats): 16-byte
+  // aligned. q is the caller's and may sit at any float offset.
+  const bool q_aligned = (reinterpret_cast<uintptr_t>(p.q) & 15) == 0;
+  float sg[V];
+  if (ROTATED) load_qlayout<D, true>(p.signs, lane, sg);
   for (int h = warp; h < kHeadsPerBlock; h += WARPS) {
     float x[V];
     float dot = 0.0f;
-    const float* mu = p.centers + (size_t(b) * p.hkv + hkv_idx) * D + lane * V;
+    if (h < nh) {
+      const float* qrow = p.q + (size_t(b) * p.num_q_heads + h0 + h) * D;
+      if (q_aligned) load_qlayout<D, true>(qrow, lane, x);
+      else load_qlayout<D, false>(qrow, lane, x);
+    } else {
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int c = lane * V + j;
-      x[j] = h < nh ? p.q[(size_t(b) * p.num_q_heads + h0 + h) * D + c] * p.scale : 0.0f;
-      if (p.centered) dot += x[j] * mu[j];  // bias = scale * q . mu, original domain
-      if (ROTATED) x[j] *= p.signs[c];
+      for (int j = 0; j < V; ++j) x[j] = 0.0f;
     }
-    if (ROTATED) warp_fwht<V>(x, lane);
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] *= p.scale;
+    if (p.centered) {  // bias = scale * q . mu, original domain
+      float mu[V];
+      load_qlayout<D, true>(p.centers + (size_t(b) * p.hkv + hkv_idx) * D, lane, mu);
+#pragma unroll
+      for (int j = 0; j < V; ++j) dot += x[j] * mu[j];
+    }
+    if (ROTATED) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[j] *= sg[j];
+      query_fwht<D>(x, lane);
+    }
     float mx = 0.0f;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -248,16 +330,30 @@ __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint3
       q_unscale[h] = 1.0f / up;
       bias[h] = p.centered ? dot : 0.0f;
     }
+    if constexpr (V >= 4) {
+      // A run of four coordinates (c % 4 == 0) is one whole entry: one 16-byte store.
 #pragma unroll
-    for (int j = 0; j < V; j += 2) {
-      const int c = lane * V + j;  // even: a pair (c, c+1) lands in one 32-bit word
-      const int cs = c % DS;
-      const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4, eq = c % 4;
-      uint32_t hw, lw;
-      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
-      uint32_t* dst = q_hl + (sq * 32 + h * 4 + tq) * 4;  // lane (head, t) of k-step sq
-      dst[eq / 2] = hw;
-      dst[2 + eq / 2] = lw;
+      for (int j = 0; j < V; j += 4) {
+        const int c = qcoord<D>(lane, j);
+        const int cs = c % DS;
+        const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4;
+        uint32_t h01, l01, h23, l23;
+        split_half2(x[j] * up, x[j + 1] * up, h01, l01);
+        split_half2(x[j + 2] * up, x[j + 3] * up, h23, l23);
+        reinterpret_cast<uint4*>(q_hl)[qslot<SWZ>(sq, h * 4 + tq)] = make_uint4(h01, h23, l01, l23);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; j += 2) {
+        const int c = qcoord<D>(lane, j);  // even: a pair (c, c+1) lands in one 32-bit word
+        const int cs = c % DS;
+        const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4, eq = c % 4;
+        uint32_t hw, lw;
+        split_half2(x[j] * up, x[j + 1] * up, hw, lw);
+        uint32_t* dst = q_hl + qslot<SWZ>(sq, h * 4 + tq) * 4;
+        dst[eq / 2] = hw;
+        dst[2 + eq / 2] = lw;
+      }
     }
   }
 }
@@ -425,7 +521,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnKernelP
 #pragma unroll
         for (int ss = 0; ss < 2; ++ss) {
           const int s = 2 * u + ss;
-          const uint4 qv = qfrag[s * 32 + lane];
+          const uint4 qv = qfrag[qslot<false>(s, lane)];
           const uint32_t a[4] = {a0[2 * ss], a1[2 * ss], a0[2 * ss + 1], a1[2 * ss + 1]};
           mma16816(cc[2 * (u & 1)], a, qv.x, qv.y);      // hi part of the query
           mma16816(cc[2 * (u & 1) + 1], a, qv.z, qv.w);  // lo part

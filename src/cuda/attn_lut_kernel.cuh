@@ -57,7 +57,15 @@ struct Layout {
   static constexpr int NS = D / DS;                     // warps per group (slices of a row)
   static constexpr int kGroups = kWarps / NS;           // groups: each streams its own chunks
   static constexpr int kSteps = DS / 16;                // QK k-steps = PV m-tiles of a slice
-  static constexpr int kHeadStride = D + 8;             // merge buffer, padded against conflicts
+  // Merge buffer [group][head][column]: coordinate c sits at column mcol(c), four floats of
+  // padding after each run of DS/8 (what one lane row r of the accumulators holds), and rows of
+  // heads 4 (mod 32) floats apart. The warps' float2 stores then spread over the banks (4
+  // wavefronts each at most, against 8-16 with rows D + 8 apart, where every lane row r fell
+  // on the same banks), while the float4 reads of D >= 256 stay contiguous and aligned.
+  static constexpr int kRun = DS / 8;
+  static constexpr int kHeadStride = D + (D / kRun) * 4 + 4;
+  __host__ __device__ static constexpr int mcol(int c) { return c + (c / kRun) * 4; }
+  static_assert(kRun % 4 == 0 && kHeadStride % 32 == 4, "merge layout");
   static constexpr int kMerge = kGroups * kHeadsPerBlock * kHeadStride * 4;
   static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
   static constexpr int kXWarp = 32 * 16;                        // one warp's partial scores: a float4 per lane
@@ -150,6 +158,9 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
   using Ch = Chunk<DS>;
   constexpr int S = Lay::kSteps;
+  // Slices wider than 128 read the query from shared memory in the loop (kQHi below), so its
+  // fragments are stored swizzled there (qslot), which the prologue writes without conflicts.
+  constexpr bool kQSwz = DS > 128;
   constexpr int KS = D / 2, VS = D / 2;  // row strides of TQ4 rows (D/2 bytes, 16-aligned)
   extern __shared__ __align__(16) uint8_t smem[];
   const uint8_t* tab = smem;
@@ -251,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if (rel < n_my) load(cur, rel, s0);
 
   // ---- prologue: each warp rotates and scales one query head ----
-  query_fragments<D, kWarps, true, DS>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
+  query_fragments<D, kWarps, true, DS, kQSwz>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
   __syncthreads();
 
   // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to a slice of
@@ -262,10 +273,13 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const int qlane = PACK && r >= 4 ? lane - 16 : lane;
   const int qhalf = PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
-  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl) + slice * S * 32;  // this slice's k-steps
+  // This slice's k-steps: slice * S + s, where (slice * S + s) & 7 == s & 7 (S is 4 with one
+  // slice, else a multiple of 8), so qslot(s, .) indexes from q4.
+  static_assert(NS == 1 || S % 8 == 0, "q_hl swizzle per slice");
+  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl) + slice * S * 32;
 #pragma unroll
   for (int s = 0; s < S; ++s) {
-    const uint4 v = q4[s * 32 + qlane];
+    const uint4 v = q4[qslot<kQSwz>(s, qlane)];
     if constexpr (kQHi) qhi[kQHi ? s : 0] = qhalf ? make_uint2(v.z, v.w) : make_uint2(v.x, v.y);
     if constexpr (kQLo) qlo[kQLo ? s : 0] = make_uint2(v.z, v.w);
   }
@@ -294,9 +308,12 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 
   auto compute = [&](const Ch& c, int rel) {
     // ---- QK: two mma chains (query hi / lo parts) ----
-    float cc[2][4];
+    // Without PACK the hi and lo parts are two chains; wide slices (D/16 k-steps) split each
+    // over alternate k-steps too, so no chain is longer than 8 mma.
+    constexpr int kChains = !PACK && S > 8 ? 4 : 2;
+    float cc[kChains][4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) cc[i][0] = cc[i][1] = cc[i][2] = cc[i][3] = 0.0f;
+    for (int i = 0; i < kChains; ++i) cc[i][0] = cc[i][1] = cc[i][2] = cc[i][3] = 0.0f;
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       const int w = s >> 1;
@@ -312,13 +329,14 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         a[2] = lookup<1>(tab, ktl, c.k[0][w]);
         a[3] = lookup<1>(tab, ktl, c.k[1][w]);
       }
-      const uint2 qh = kQHi ? qhi[kQHi ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + qlane)[qhalf];
+      const uint2 qh = kQHi ? qhi[kQHi ? s : 0] : reinterpret_cast<const uint2*>(q4 + qslot<kQSwz>(s, qlane))[qhalf];
       if constexpr (PACK) {
         mma16816(cc[s & 1], a, qh.x, qh.y);  // two chains over alternate k-steps
       } else {
-        const uint2 ql = kQLo ? qlo[kQLo ? s : 0] : reinterpret_cast<const uint2*>(q4 + s * 32 + lane)[1];
-        mma16816(cc[0], a, qh.x, qh.y);
-        mma16816(cc[1], a, ql.x, ql.y);
+        const uint2 ql = kQLo ? qlo[kQLo ? s : 0] : reinterpret_cast<const uint2*>(q4 + qslot<kQSwz>(s, lane))[1];
+        const int ch = kChains == 4 ? 2 * (s & 1) : 0;
+        mma16816(cc[ch], a, qh.x, qh.y);
+        mma16816(cc[ch + 1], a, ql.x, ql.y);
       }
     }
     // x: rows r, r+8 x heads hd, hd+1 (C fragment order), in log2 units.
@@ -326,6 +344,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       dotv[e] = cc[0][e] + cc[1][e];
+      if constexpr (kChains == 4) dotv[e] += cc[2][e] + cc[3][e];
       if constexpr (PACK) dotv[e] += __shfl_xor_sync(0xFFFFFFFFu, dotv[e], 2);  // hi columns + lo columns
     }
     if constexpr (NS > 1) {
@@ -364,10 +383,13 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
     // ---- online softmax over the chunk (lanes sharing t hold heads hd, hd+1) ----
     float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
-    rows_max(cm0, cm1);
-    const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
-    // The output is rescaled only when some head's maximum grew (rare after the first chunks).
-    if (__any_sync(0xFFFFFFFFu, mn0 > m0 || mn1 > m1)) {
+    // The maxima are reduced across the rows' lanes and the output rescaled only when some
+    // lane's score exceeds its head's maximum (rare after the first chunks): a lane's own
+    // scores exceed m exactly when the reduced maximum would, so the decisions and values are
+    // those of reducing every chunk, without its three shuffle rounds on the chunk's path.
+    if (__any_sync(0xFFFFFFFFu, cm0 > m0 || cm1 > m1)) {
+      rows_max(cm0, cm1);
+      const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
       mu0 = mn0 == -INFINITY ? 0.0f : mn0;
       mu1 = mn1 == -INFINITY ? 0.0f : mn1;
       const float al0 = fast_exp2(m0 - mu0);
@@ -471,8 +493,9 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     const int coord = slice * DS + r * (DS / 8) + 2 * i;
-    *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + coord) = make_float2(acc[i][0] * f0, acc[i][2] * f0);
-    *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + coord) =
+    *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + Lay::mcol(coord)) =
+        make_float2(acc[i][0] * f0, acc[i][2] * f0);
+    *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + Lay::mcol(coord)) =
         make_float2(acc[i][1] * f1, acc[i][3] * f1);
   }
   __syncthreads();
@@ -481,15 +504,15 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const float nanv = __int_as_float(0x7FC00000);
   if constexpr (D >= 256) {
     // Four coordinates per thread and step (wide heads: 16 steps of one at D = 512): the merge
-    // rows (D + 8 floats) and the partials (16-byte aligned workspace, D-float rows) are both
-    // 16-byte aligned. (A build doing this at D = 128 too was slower there: kernel notes, step 42.)
+    // columns (runs of a multiple of 4 floats, rows of a multiple of 4) and the partials
+    // (16-byte aligned workspace, D-float rows) are both 16-byte aligned. (A build doing this at D = 128 too was slower there: kernel notes, step 42.)
     for (int idx = 4 * tid; idx < nh * D; idx += 4 * kThreads) {
       const int head = idx / D, coord = idx % D;
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float4 m =
-            *reinterpret_cast<const float4*>(merge + (g * kHeadsPerBlock + head) * Lay::kHeadStride + coord);
+            *reinterpret_cast<const float4*>(merge + (g * kHeadsPerBlock + head) * Lay::kHeadStride + Lay::mcol(coord));
         sum.x += m.x;
         sum.y += m.y;
         sum.z += m.z;
@@ -502,7 +525,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       const int head = idx / D, coord = idx % D;
       float sum = 0.0f;
 #pragma unroll
-      for (int g = 0; g < G; ++g) sum += merge[(g * kHeadsPerBlock + head) * Lay::kHeadStride + coord];
+      for (int g = 0; g < G; ++g) sum += merge[(g * kHeadsPerBlock + head) * Lay::kHeadStride + Lay::mcol(coord)];
       po[head * head_stride + coord] = bad ? nanv : sum;
     }
   }
