@@ -57,15 +57,19 @@ struct Layout {
   static constexpr int NS = D / DS;                     // warps per group (slices of a row)
   static constexpr int kGroups = kWarps / NS;           // groups: each streams its own chunks
   static constexpr int kSteps = DS / 16;                // QK k-steps = PV m-tiles of a slice
-  // Merge buffer [group][head][column]: coordinate c sits at column mcol(c), four floats of
-  // padding after each run of DS/8 (what one lane row r of the accumulators holds), and rows of
-  // heads 4 (mod 32) floats apart. The warps' float2 stores then spread over the banks (4
-  // wavefronts each at most, against 8-16 with rows D + 8 apart, where every lane row r fell
-  // on the same banks), while the float4 reads of D >= 256 stay contiguous and aligned.
+  // Merge buffer [group][head][column]. D >= 256: coordinate c sits at column mcol(c), four
+  // floats of padding after each run of DS/8 (what one lane row r of the accumulators holds),
+  // and rows of heads 4 (mod 32) floats apart: the warps' float2 stores then take 4 wavefronts
+  // each at most, against 16 with rows D + 8 apart, where every lane row r fell on the same
+  // banks (D = 512: 51 -> 44 us at S = 32768 with the prologue's loads, kernel notes step 44),
+  // while the float4 reads stay contiguous and aligned. D <= 128 keeps rows D + 8 apart: the
+  // padded layout measured 3-4% faster at most shapes there but 16% slower at batch 8, S = 1024
+  // (10.8 -> 12.6 us, H100), where the next call's blocks share the SMs with this epilogue.
+  static constexpr bool kPadRuns = D >= 256;
   static constexpr int kRun = DS / 8;
-  static constexpr int kHeadStride = D + (D / kRun) * 4 + 4;
-  __host__ __device__ static constexpr int mcol(int c) { return c + (c / kRun) * 4; }
-  static_assert(kRun % 4 == 0 && kHeadStride % 32 == 4, "merge layout");
+  static constexpr int kHeadStride = kPadRuns ? D + (D / kRun) * 4 + 4 : D + 8;
+  __host__ __device__ static constexpr int mcol(int c) { return kPadRuns ? c + (c / kRun) * 4 : c; }
+  static_assert(!kPadRuns || (kRun % 4 == 0 && kHeadStride % 32 == 4), "merge layout");
   static constexpr int kMerge = kGroups * kHeadsPerBlock * kHeadStride * 4;
   static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
   static constexpr int kXWarp = 32 * 16;                        // one warp's partial scores: a float4 per lane
