@@ -266,13 +266,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
     float sg[V];
     if constexpr (V >= 4) {  // the library's signs: 16-byte aligned
 #pragma unroll
-      for (int j = 0; j < V; j += 4) {
-        const float4 f = *reinterpret_cast<const float4*>(signs + lane * V + j);
-        sg[j] = f.x;
-        sg[j + 1] = f.y;
-        sg[j + 2] = f.z;
-        sg[j + 3] = f.w;
-      }
+      for (int j = 0; j < V; j += 4) load4(signs + lane * V + j, sg + j);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) sg[j] = signs[lane * V + j];

@@ -208,37 +208,21 @@ __device__ __forceinline__ Slice split_slice(const AttnKernelParams& p, uint32_t
 // runs of 4 (of 2 at D = 64) per lane with the lanes side by side, so that each load of q, the
 // key mean and the signs reads 512 contiguous bytes. Lane-contiguous rows (l*D/32 + j) made a
 // wide head's loads touch 16 lines each, 48 of them per lane at D = 512, and the block's L1
-// spent microseconds on them (docs/cuda-kernel-notes.md, step 44).
+// spent microseconds on them (docs/cuda-kernel-notes.md, step 44). The Hadamard transform
+// (warp_fwht) needs no other layout: its butterflies commute.
 template <int D>
 __device__ __forceinline__ int qcoord(int lane, int j) {
   constexpr int R = D / 32 < 4 ? D / 32 : 4;  // run length
   return (j / R) * (32 * R) + lane * R + j % R;
 }
 
-// The unnormalized Hadamard transform on the qcoord layout. It is a product of commuting
-// butterflies, one per coordinate bit, so any order gives it: register-index bits first (the
-// run's bits and those above the lanes'), then the lane bits by shuffles.
-template <int D>
-__device__ __forceinline__ void query_fwht(float (&x)[D / 32], int lane) {
-  constexpr int V = D / 32;
-#pragma unroll
-  for (int h = 1; h < V; h *= 2)
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (!(j & h)) {
-        const float u = x[j], v = x[j + h];
-        x[j] = u + v;
-        x[j + h] = u - v;
-      }
-#pragma unroll
-  for (int m = 1; m < 32; m *= 2) {
-    const float sgn = (lane & m) ? -1.0f : 1.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float o = __shfl_xor_sync(0xFFFFFFFFu, x[j], m);
-      x[j] = fmaf(sgn, x[j], o);
-    }
-  }
+// Four floats from a 16-byte aligned address.
+__device__ __forceinline__ void load4(const float* src, float* x) {
+  const float4 f = *reinterpret_cast<const float4*>(src);
+  x[0] = f.x;
+  x[1] = f.y;
+  x[2] = f.z;
+  x[3] = f.w;
 }
 
 // V floats of src in the qcoord layout (src 16-byte aligned when ALIGNED: float4 runs).
@@ -247,13 +231,7 @@ __device__ __forceinline__ void load_qlayout(const float* src, int lane, float (
   constexpr int V = D / 32;
   if constexpr (ALIGNED && V >= 4) {
 #pragma unroll
-    for (int j = 0; j < V; j += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(src + qcoord<D>(lane, j));
-      x[j] = f.x;
-      x[j + 1] = f.y;
-      x[j + 2] = f.z;
-      x[j + 3] = f.w;
-    }
+    for (int j = 0; j < V; j += 4) load4(src + qcoord<D>(lane, j), x + j);
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) x[j] = src[qcoord<D>(lane, j)];
@@ -310,7 +288,10 @@ __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint3
     if (ROTATED) {
 #pragma unroll
       for (int j = 0; j < V; ++j) x[j] *= sg[j];
-      query_fwht<D>(x, lane);
+      // warp_fwht's butterflies read the registers as lane-major rows, but the Hadamard
+      // matrix is the same under any consistent permutation of the index bits, so on the
+      // qcoord layout they give the transform by coordinate.
+      warp_fwht<V>(x, lane);
     }
     float mx = 0.0f;
 #pragma unroll
