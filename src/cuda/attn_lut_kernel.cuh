@@ -277,8 +277,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const int qlane = PACK && r >= 4 ? lane - 16 : lane;
   const int qhalf = PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
-  // This slice's k-steps: slice * S + s, where (slice * S + s) & 7 == s & 7 (S is 4 with one
-  // slice, else a multiple of 8), so qslot(s, .) indexes from q4.
+  // This slice's k-steps: slice * S + s, where (slice * S + s) & 7 == s & 7 (slice is 0 with one
+  // slice, else S is a multiple of 8), so qslot(s, .) indexes from q4.
   static_assert(NS == 1 || S % 8 == 0, "q_hl swizzle per slice");
   const uint4* q4 = reinterpret_cast<const uint4*>(q_hl) + slice * S * 32;
 #pragma unroll
@@ -311,9 +311,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   for (int i = 0; i < S; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 
   auto compute = [&](const Ch& c, int rel) {
-    // ---- QK: two mma chains (query hi / lo parts) ----
-    // Without PACK the hi and lo parts are two chains; wide slices (D/16 k-steps) split each
-    // over alternate k-steps too, so no chain is longer than 8 mma.
+    // ---- QK: mma chains over alternate k-steps (PACK), or the query's hi and lo parts; without
+    // PACK, slices of 256 (16 k-steps) split those by k-step parity too: no chain over 8 mma ----
     constexpr int kChains = !PACK && S > 8 ? 4 : 2;
     float cc[kChains][4];
 #pragma unroll
@@ -509,7 +508,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if constexpr (D >= 256) {
     // Four coordinates per thread and step (wide heads: 16 steps of one at D = 512): the merge
     // columns (runs of a multiple of 4 floats, rows of a multiple of 4) and the partials
-    // (16-byte aligned workspace, D-float rows) are both 16-byte aligned. (A build doing this at D = 128 too was slower there: kernel notes, step 42.)
+    // (16-byte aligned workspace, D-float rows) are both 16-byte aligned. (A build doing this
+    // at D = 128 too was slower there: kernel notes, step 42.)
     for (int idx = 4 * tid; idx < nh * D; idx += 4 * kThreads) {
       const int head = idx / D, coord = idx % D;
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
