@@ -350,7 +350,7 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   const size_t need_ws = tqkv::cuda::workspace_bytes(dev, c.config(), params->num_q_heads);
   if (params->workspace) {
     need_device(params->workspace, "workspace");
-    // The kernels read the partials as float2 and the host q_pos tail as int64.
+    // The kernels read the partials in float2 and float4 and the host q_pos tail as int64.
     if (reinterpret_cast<uintptr_t>(params->workspace) % 16 != 0)
       tqkv::invalid("workspace: must be 16-byte aligned (cudaMalloc returns 256-byte aligned memory)");
     if (params->workspace_bytes < need_ws)

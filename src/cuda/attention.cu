@@ -189,13 +189,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
         v[i] = *reinterpret_cast<const float2*>(ml + 2 * s);
         if constexpr (V >= 8) {  // wide heads; 16-byte aligned: the workspace is, and so is lane * V
 #pragma unroll
-          for (int j = 0; j < V; j += 4) {
-            const float4 x = *reinterpret_cast<const float4*>(po + size_t(s) * D + j);
-            o[i][j] = x.x;
-            o[i][j + 1] = x.y;
-            o[i][j + 2] = x.z;
-            o[i][j + 3] = x.w;
-          }
+          for (int j = 0; j < V; j += 4) load4(po + size_t(s) * D + j, o[i] + j);
         } else {
 #pragma unroll
           for (int j = 0; j < V; j += 2) {
@@ -278,20 +272,16 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   // pairs only where it is 16- or 8-byte aligned (the same for every lane and row).
   float* dst = out + size_t(row) * D + lane * V;
   const uintptr_t oa = reinterpret_cast<uintptr_t>(out);
-  if constexpr (V >= 4) {
-    if ((oa & 15) == 0) {
+  if (V >= 4 && (oa & 15) == 0) {
+    if constexpr (V >= 4)
 #pragma unroll
       for (int j = 0; j < V; j += 4) *reinterpret_cast<float4*>(dst + j) = make_float4(y[j], y[j + 1], y[j + 2], y[j + 3]);
-    }
-  }
-  if ((oa & 15) != 0 || V < 4) {
-    if ((oa & 7) == 0) {
+  } else if ((oa & 7) == 0) {
 #pragma unroll
-      for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(dst + j) = make_float2(y[j], y[j + 1]);
-    } else {
+    for (int j = 0; j < V; j += 2) *reinterpret_cast<float2*>(dst + j) = make_float2(y[j], y[j + 1]);
+  } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) dst[j] = y[j];
-    }
+    for (int j = 0; j < V; ++j) dst[j] = y[j];
   }
   if (lse && lane == 0)
     lse[row] = any_bad ? __int_as_float(0x7FC00000) : (l > 0.0f ? (mu + log2f(l)) * 0.69314718055994531f : -INFINITY);

@@ -311,29 +311,30 @@ __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint3
       q_unscale[h] = 1.0f / up;
       bias[h] = p.centered ? dot : 0.0f;
     }
+    // The fragment entry (uint4 index) holding coordinate c: k-step sq, quad tq.
+    auto entry = [&](int c) {
+      const int cs = c % DS;
+      const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4;
+      return qslot<SWZ>(sq, h * 4 + tq);
+    };
     if constexpr (V >= 4) {
       // A run of four coordinates (c % 4 == 0) is one whole entry: one 16-byte store.
 #pragma unroll
       for (int j = 0; j < V; j += 4) {
-        const int c = qcoord<D>(lane, j);
-        const int cs = c % DS;
-        const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4;
         uint32_t h01, l01, h23, l23;
         split_half2(x[j] * up, x[j + 1] * up, h01, l01);
         split_half2(x[j + 2] * up, x[j + 3] * up, h23, l23);
-        reinterpret_cast<uint4*>(q_hl)[qslot<SWZ>(sq, h * 4 + tq)] = make_uint4(h01, h23, l01, l23);
+        reinterpret_cast<uint4*>(q_hl)[entry(qcoord<D>(lane, j))] = make_uint4(h01, h23, l01, l23);
       }
     } else {
 #pragma unroll
       for (int j = 0; j < V; j += 2) {
         const int c = qcoord<D>(lane, j);  // even: a pair (c, c+1) lands in one 32-bit word
-        const int cs = c % DS;
-        const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4, eq = c % 4;
         uint32_t hw, lw;
         split_half2(x[j] * up, x[j + 1] * up, hw, lw);
-        uint32_t* dst = q_hl + qslot<SWZ>(sq, h * 4 + tq) * 4;
-        dst[eq / 2] = hw;
-        dst[2 + eq / 2] = lw;
+        uint32_t* dst = q_hl + entry(c) * 4;
+        dst[(c % 4) / 2] = hw;
+        dst[2 + (c % 4) / 2] = lw;
       }
     }
   }
