@@ -194,6 +194,14 @@ void print_bench_table(const nlohmann::json& res) {
                    r["bytes"].get<uint64_t>(), r["speedup_vs_f16"].get<double>(),
                    r["speedup_vs_f16_cold"].get<double>(), r["compressed_rows_read"].get<uint64_t>());
     if (bw) ::fmt::print("(of bw: cold GB/s over the given read bandwidth, {:.0f} GB/s)\n", s["read_bw_gbps"].get<double>());
+    // The fastest pure read of each cache's bytes, timed the same ways (read_floor.h).
+    for (const auto& r : res["rows"]) {
+      if (!r.contains("read_floor")) continue;
+      const auto& f = r["read_floor"];
+      ::fmt::print("{:>12} read floor {:.2f} us graph, {:.2f} us cold: the attention takes {:.2f}x / {:.2f}x a pure read\n",
+                   r["cache"].get<std::string>(), f["us_graph"].get<double>(), f["us_cold"].get<double>(),
+                   r["us_graph_over_floor"].get<double>(), r["us_cold_over_floor"].get<double>());
+    }
     return;
   }
   ::fmt::print("{:>12} {:>10} {:>8} {:>12} {:>10} {:>14}\n", "cache", "us", "GB/s", "bytes", "vs f32", "tq rows read");
@@ -306,6 +314,10 @@ void print_append_table(const nlohmann::json& r) {
     ::fmt::print("  captured in a CUDA graph: stream time per replay\n");
   else if (r.contains("us_call"))
     ::fmt::print("  asynchronous: stream time per append; the call itself took {:.1f} us\n", r["us_call"].get<double>());
+  if (r.contains("stream_floor"))
+    ::fmt::print("  stream floor (one pass reading the input's bytes and writing the rows'): {:.1f} us; the append takes "
+                 "{:.2f}x that\n",
+                 r["stream_floor"]["us"].get<double>(), r["us_over_floor"].get<double>());
 }
 
 }  // namespace tqkv::cli

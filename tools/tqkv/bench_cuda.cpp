@@ -1,6 +1,6 @@
 // tqkv bench attention / append --backend cuda. Built only with the CUDA backend: the benchmark
-// drives the CUDA runtime itself (device q/out, events, graphs, L2 flushes), so it is host code
-// that links cudart and needs no kernels of its own.
+// drives the CUDA runtime itself (device q/out, events, graphs, L2 flushes); its one kernel, the
+// streaming read of the read floor, is in read_floor.cu.
 //
 // Timing rules, so that the numbers compare with torch's (bench/gpu/compare.py times SDPA the
 // same two ways):
@@ -11,6 +11,7 @@
 // In both, the stream is held by a host gate until everything is queued, so the GPU never idles
 // between the start event and the work while the host is still launching (the host side of
 // tqkv_attend would otherwise be counted as GPU time).
+// - read floor: a pure streaming read of the same number of bytes, timed both ways.
 #include <cuda_runtime.h>
 #include <fmt/core.h>
 
@@ -18,6 +19,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -25,6 +27,7 @@
 #include "core/error.h"
 #include "core/format.h"
 #include "cuda/check.cuh"
+#include "read_floor.h"
 #include "tqkv/tqkv.hpp"
 
 namespace tqkv::cli {
@@ -160,6 +163,87 @@ struct Shared {
   std::unique_ptr<FillPool> pool;
 };
 
+// Per-call µs of `calls` invocations captured into one CUDA graph, one value per timed replay.
+std::vector<double> time_graph(cudaStream_t st, uint32_t calls, uint32_t repeats, const std::function<void()>& call) {
+  Graph graph;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));  // torch's default mode: strictest
+  try {
+    for (uint32_t i = 0; i < calls; ++i) call();
+  } catch (...) {
+    cudaGraph_t g{};
+    cudaStreamEndCapture(st, &g);  // leave the stream usable; the call's error is the one to report
+    if (g) cudaGraphDestroy(g);
+    throw;
+  }
+  CK(cudaStreamEndCapture(st, &graph.g));
+  CK(cudaGraphInstantiate(&graph.exec, graph.g, 0));
+  CK(cudaGraphLaunch(graph.exec, st));  // warm-up replay (uploads the graph)
+  CK(cudaStreamSynchronize(st));
+  std::vector<Event> ev(repeats + 1);
+  Gate gate(st);
+  gate.close();
+  CK(cudaEventRecord(ev[0].e, st));
+  for (uint32_t i = 0; i < repeats; ++i) {
+    CK(cudaGraphLaunch(graph.exec, st));
+    CK(cudaEventRecord(ev[i + 1].e, st));
+  }
+  gate.release();
+  CK(cudaStreamSynchronize(st));
+  gate.check("graph timing");
+  std::vector<double> us;
+  for (uint32_t i = 0; i < repeats; ++i) us.push_back(elapsed_us(ev[i], ev[i + 1]) / calls);
+  return us;
+}
+
+// µs of single eager calls, each after a write of `flush` (>= 2x L2) so that its data come from DRAM.
+std::vector<double> time_cold(cudaStream_t st, const DevBuf<uint8_t>& flush, uint32_t repeats,
+                              const std::function<void()>& call) {
+  std::vector<Event> ev(2);
+  Gate gate(st);
+  std::vector<double> us;
+  for (uint32_t i = 0; i < repeats; ++i) {
+    gate.close();
+    CK(cudaMemsetAsync(flush.get(), int(i & 0xff), flush.bytes(), st));
+    CK(cudaEventRecord(ev[0].e, st));
+    call();
+    CK(cudaEventRecord(ev[1].e, st));
+    gate.release();
+    CK(cudaEventSynchronize(ev[1].e));
+    gate.check("cold timing");
+    us.push_back(elapsed_us(ev[0], ev[1]));
+  }
+  return us;
+}
+
+// The read floor (read_floor.h) of `bytes`, timed like the attention: the fastest variant's
+// median in each mode, and the attention's time over it (1 = as fast as a pure read).
+void add_read_floor(const BenchOptions& o, Shared& sh, uint64_t bytes, nlohmann::json& r) {
+  const size_t n = (bytes + 15) / 16 * 16;
+  DevBuf<uint8_t> buf(n);
+  DevBuf<uint32_t> sink(1);
+  const cudaStream_t st = sh.stream.s;
+  CK(cudaMemsetAsync(buf.get(), 0x5A, n, st));
+  double best_g = INFINITY, best_c = INFINITY;
+  std::string name_g, name_c;
+  for (int v = 0; v < read_floor_variants(); ++v) {
+    const auto read = [&] { launch_read_floor(v, buf.get(), n, sink.get(), sh.gpu.prop.multiProcessorCount, st); };
+    read();  // warm-up
+    const double g = median(time_graph(st, o.graph_calls, o.repeats, read));
+    const double c = median(time_cold(st, *sh.flush, o.repeats, read));
+    if (g < best_g) best_g = g, name_g = read_floor_name(v);
+    if (c < best_c) best_c = c, name_c = read_floor_name(v);
+  }
+  CK(cudaStreamSynchronize(st));
+  r["read_floor"] = {{"us_graph", best_g},   {"us_cold", best_c},  {"variant_graph", name_g},
+                     {"variant_cold", name_c}, {"bytes", n}};
+  r["us_graph_over_floor"] = r["us_graph"].get<double>() / best_g;
+  r["us_cold_over_floor"] = r["us_cold"].get<double>() / best_c;
+  if (o.read_bw_gbps > 0) {
+    r["read_floor"]["frac_of_read_bw_graph"] = double(n) / (best_g * 1e-6) / 1e9 / o.read_bw_gbps;
+    r["read_floor"]["frac_of_read_bw_cold"] = double(n) / (best_c * 1e-6) / 1e9 / o.read_bw_gbps;
+  }
+}
+
 nlohmann::json bench_one(const BenchOptions& o, Shared& sh, uint32_t kt, uint32_t vt) {
   CacheConfig cfg;
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.context);
@@ -202,50 +286,12 @@ nlohmann::json bench_one(const BenchOptions& o, Shared& sh, uint32_t kt, uint32_
   const uint64_t dense_per_call = per_call * 2 - tq_per_call;
 
   // (a) graph. Counters move while calls are captured (the host side runs then), not on replay.
-  Graph graph;
   const auto c0 = counters();
-  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));  // torch's default mode: strictest
-  try {
-    for (uint32_t i = 0; i < o.graph_calls; ++i) attend();
-  } catch (...) {
-    cudaGraph_t g{};
-    cudaStreamEndCapture(st, &g);  // leave the stream usable; the call's error is the one to report
-    if (g) cudaGraphDestroy(g);
-    throw;
-  }
-  CK(cudaStreamEndCapture(st, &graph.g));
-  CK(cudaGraphInstantiate(&graph.exec, graph.g, 0));
+  const std::vector<double> graph_us = time_graph(st, o.graph_calls, o.repeats, attend);
   const auto c1 = counters();
-  CK(cudaGraphLaunch(graph.exec, st));  // warm-up replay (uploads the graph)
-  CK(cudaStreamSynchronize(st));
-  std::vector<Event> ev(o.repeats + 1);
-  Gate gate(st);
-  gate.close();
-  CK(cudaEventRecord(ev[0].e, st));
-  for (uint32_t i = 0; i < o.repeats; ++i) {
-    CK(cudaGraphLaunch(graph.exec, st));
-    CK(cudaEventRecord(ev[i + 1].e, st));
-  }
-  gate.release();
-  CK(cudaStreamSynchronize(st));
-  gate.check("graph timing");
-  std::vector<double> graph_us;
-  for (uint32_t i = 0; i < o.repeats; ++i) graph_us.push_back(elapsed_us(ev[i], ev[i + 1]) / o.graph_calls);
-
   // (b) cold: L2 flushed before each eager call.
   const auto c2 = counters();
-  std::vector<double> cold_us;
-  for (uint32_t i = 0; i < o.repeats; ++i) {
-    gate.close();
-    CK(cudaMemsetAsync(sh.flush->get(), int(i & 0xff), sh.flush->bytes(), st));
-    CK(cudaEventRecord(ev[0].e, st));
-    attend();
-    CK(cudaEventRecord(ev[1].e, st));
-    gate.release();
-    CK(cudaEventSynchronize(ev[1].e));
-    gate.check("cold timing");
-    cold_us.push_back(elapsed_us(ev[0], ev[1]));
-  }
+  const std::vector<double> cold_us = time_cold(st, *sh.flush, o.repeats, attend);
   const auto c3 = counters();
 
   // The compressed path really ran: rows decoded per call match the shape, for captured and eager calls.
@@ -299,6 +345,7 @@ nlohmann::json bench_one(const BenchOptions& o, Shared& sh, uint32_t kt, uint32_
   size_t ws = 0;
   check(tqkv_attend_workspace_size(cache.get(), &p, &ws));
   r["workspace_bytes"] = ws;
+  add_read_floor(o, sh, uint64_t(bytes), r);
   return r;
 }
 
@@ -354,9 +401,36 @@ nlohmann::json kept_row(const AppendBenchOptions& o, Cache& cache, const Gpu& gp
   return r;
 }
 
-}  // namespace
+// The stream floor of an append (read_floor.h): one pass reading bytes_in and writing bytes_out,
+// launched --repeats times back to back like the asynchronous appends; the fastest variant's
+// stream time per pass, and the append's time over it.
+void add_stream_floor(const AppendBenchOptions& o, nlohmann::json& r) {
+  const Gpu gpu;
+  Stream stream;
+  const auto round16 = [](uint64_t b) { return size_t((b + 15) / 16 * 16); };
+  const size_t ni = round16(r["bytes_in"].get<uint64_t>()), no = round16(r["bytes_out"].get<uint64_t>());
+  DevBuf<uint8_t> in(ni), out(no);
+  CK(cudaMemsetAsync(in.get(), 0x5A, ni, stream.s));
+  double best = INFINITY;
+  std::string name;
+  for (int v = 0; v < read_floor_variants(); ++v) {
+    const auto pass = [&] {
+      launch_stream_floor(v, in.get(), ni, out.get(), no, gpu.prop.multiProcessorCount, stream.s);
+    };
+    pass();  // warm-up
+    Event e0, e1;
+    CK(cudaEventRecord(e0.e, stream.s));
+    for (uint32_t i = 0; i < o.repeats; ++i) pass();
+    CK(cudaEventRecord(e1.e, stream.s));
+    CK(cudaEventSynchronize(e1.e));
+    const double us = elapsed_us(e0, e1) / o.repeats;
+    if (us < best) best = us, name = read_floor_name(v);
+  }
+  r["stream_floor"] = {{"us", best}, {"variant", name}, {"bytes_in", ni}, {"bytes_out", no}};
+  r["us_over_floor"] = r["us"].get<double>() / best;
+}
 
-nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
+nlohmann::json append_cuda_timed(const AppendBenchOptions& o) {
   const Gpu gpu;
   Stream stream;
   CacheConfig cfg;
@@ -445,6 +519,14 @@ nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
   r["shape"]["device"] = std::string(gpu.prop.name);
   r["rows_encoded"] = after.rows_encoded - before.rows_encoded;
   r["cuda_rows_encoded"] = after.cuda_rows_encoded - before.cuda_rows_encoded;
+  return r;
+}
+
+}  // namespace
+
+nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
+  nlohmann::json r = append_cuda_timed(o);
+  add_stream_floor(o, r);
   return r;
 }
 
