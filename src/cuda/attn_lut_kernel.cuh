@@ -116,8 +116,8 @@ __device__ __forceinline__ float ldg_scale(const uint8_t* p) {
   return f;
 }
 
-// The table entry for byte J of w: the permute puts lane_off (the lane's offset, 4l or
-// 128 + 4l) in byte 0 and the stored byte in byte 1, which is the entry's byte offset.
+// The table entry for byte J of w: the permute puts lane_off (the lane's offset, 4l) in byte 0
+// and the stored byte in byte 1, which is the entry's byte offset from tab (V: tab + 128).
 template <int J>
 __device__ __forceinline__ uint32_t lookup(const uint8_t* tab, uint32_t lane_off, uint32_t w) {
   return *reinterpret_cast<const uint32_t*>(tab + prmt(w, lane_off, 0x5504u | (J << 4)));
@@ -233,10 +233,14 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       ldg_words<Ch::VW>(vp + VS, c.v[1]);
       ldg_words<Ch::VW>(vp + 8 * VS, c.v[2]);
       ldg_words<Ch::VW>(vp + 9 * VS, c.v[3]);
-      c.kn[0] = ldg_scale<SF16>(knl + size_t(s0 + r) * kss);
-      c.kn[1] = ldg_scale<SF16>(knl + size_t(s0 + r + 8) * kss);
-      c.vn[0] = ldg_scale<SF16>(vnl + size_t(s0 + r) * vss);
-      c.vn[1] = ldg_scale<SF16>(vnl + size_t(s0 + r + 8) * vss);
+      // Row r + 8 as an immediate offset from row r's address: written as size_t(s0 + r + 8),
+      // the 32-bit sum may wrap, so the compiler built a second address per plane.
+      const uint8_t* knp = knl + size_t(s0 + r) * kss;
+      const uint8_t* vnp = vnl + size_t(s0 + r) * vss;
+      c.kn[0] = ldg_scale<SF16>(knp);
+      c.kn[1] = ldg_scale<SF16>(knp + 8 * kss);
+      c.vn[0] = ldg_scale<SF16>(vnp);
+      c.vn[1] = ldg_scale<SF16>(vnp + 8 * vss);
       return;
     }
     const int last = n_my - 1 - rel;
@@ -302,7 +306,10 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   constexpr uint32_t kXWarp = Lay::kXWarp, kXHalf = kWarps * kXWarp;
   uint32_t xw = uint32_t(__cvta_generic_to_shared(smem + Lay::kRegion + Lay::kQ)) + uint32_t(warp * 32 + lane) * 16;
   uint32_t xflip = kXHalf;  // added to xw after each chunk, negated each time
-  const uint32_t ktl = 4u * uint32_t(lane), vtl = 128u + 4u * uint32_t(lane);
+  // One lane offset for both tables: V's entries sit 128 bytes after K's, an immediate offset of
+  // the load, so the loop keeps (or rebuilds) one lane register instead of two.
+  const uint32_t ktl = 4u * uint32_t(lane);
+  const uint8_t* vtab = tab + 128;
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float mu0 = 0.0f, mu1 = 0.0f;  // the maxima as exponent offsets (0 while a maximum is -inf)
@@ -436,8 +443,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       auto pv = [&](auto jc) {
         constexpr int j = decltype(jc)::value;
         const int i = 4 * w + j;
-        const uint32_t a[4] = {lookup<j>(tab, vtl, lo_n[0]), lookup<j>(tab, vtl, hi_n[0]), lookup<j>(tab, vtl, lo_n[1]),
-                               lookup<j>(tab, vtl, hi_n[1])};
+        const uint32_t a[4] = {lookup<j>(vtab, ktl, lo_n[0]), lookup<j>(vtab, ktl, hi_n[0]),
+                               lookup<j>(vtab, ktl, lo_n[1]), lookup<j>(vtab, ktl, hi_n[1])};
         mma16816(acc[i], a, b_hi0, b_hi1);
         if constexpr (!PACK) mma16816(acc[i], a, b_lo0, b_lo1);
       };
