@@ -20,8 +20,6 @@
 
 namespace {
 
-constexpr uint32_t kMagic = 0x7A3C5E1Fu;  // read_floor.cu's sink condition
-
 #define CK(call) ASSERT_EQ((call), cudaSuccess) << #call
 
 int sm_count() {
@@ -38,7 +36,7 @@ void check_reads(size_t units, const std::vector<size_t>& positions) {
   CK(cudaMalloc(&buf, bytes));
   CK(cudaMalloc(&sink, sizeof(uint32_t)));
   CK(cudaMemset(buf, 0, bytes));
-  const uint32_t word[4] = {kMagic, 0, 0, 0};
+  const uint32_t word[4] = {tqkv::cli::kReadFloorSinkWord, 0, 0, 0};
   for (size_t pos : positions) {
     CK(cudaMemcpy(buf + pos * 16, word, 16, cudaMemcpyHostToDevice));
     for (int v = 0; v < tqkv::cli::read_floor_variants(); ++v) {
@@ -47,7 +45,8 @@ void check_reads(size_t units, const std::vector<size_t>& positions) {
       CK(cudaDeviceSynchronize());
       uint32_t got = 0;
       CK(cudaMemcpy(&got, sink, sizeof(got), cudaMemcpyDeviceToHost));
-      EXPECT_EQ(got, kMagic) << "unit " << pos << " of " << units << " not read by " << tqkv::cli::read_floor_name(v);
+      EXPECT_EQ(got, tqkv::cli::kReadFloorSinkWord)
+          << "unit " << pos << " of " << units << " not read by " << tqkv::cli::read_floor_name(v);
     }
     CK(cudaMemset(buf + pos * 16, 0, 16));
   }

@@ -404,8 +404,7 @@ nlohmann::json kept_row(const AppendBenchOptions& o, Cache& cache, const Gpu& gp
 // The stream floor of an append (read_floor.h): one pass reading bytes_in and writing bytes_out,
 // launched --repeats times back to back like the asynchronous appends; the fastest variant's
 // stream time per pass, and the append's time over it.
-void add_stream_floor(const AppendBenchOptions& o, nlohmann::json& r) {
-  const Gpu gpu;
+void add_stream_floor(const AppendBenchOptions& o, const Gpu& gpu, nlohmann::json& r) {
   Stream stream;
   const auto round16 = [](uint64_t b) { return size_t((b + 15) / 16 * 16); };
   const size_t ni = round16(r["bytes_in"].get<uint64_t>()), no = round16(r["bytes_out"].get<uint64_t>());
@@ -430,8 +429,7 @@ void add_stream_floor(const AppendBenchOptions& o, nlohmann::json& r) {
   r["us_over_floor"] = r["us"].get<double>() / best;
 }
 
-nlohmann::json append_cuda_timed(const AppendBenchOptions& o) {
-  const Gpu gpu;
+nlohmann::json append_cuda_timed(const AppendBenchOptions& o, const Gpu& gpu) {
   Stream stream;
   CacheConfig cfg;
   // --async: every timed append stays in the cache (resetting would wait for the stream).
@@ -525,8 +523,9 @@ nlohmann::json append_cuda_timed(const AppendBenchOptions& o) {
 }  // namespace
 
 nlohmann::json bench_append_cuda(const AppendBenchOptions& o) {
-  nlohmann::json r = append_cuda_timed(o);
-  add_stream_floor(o, r);
+  const Gpu gpu;
+  nlohmann::json r = append_cuda_timed(o, gpu);
+  add_stream_floor(o, gpu, r);
   return r;
 }
 

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) read_kernel(const uint4* __restrict_
     const uint4 v = load_nc(p + i);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
-  if (acc == 0x7A3C5E1Fu) *sink = acc;  // one thread in 2^32 on random data: no store in practice
+  if (acc == kReadFloorSinkWord) *sink = acc;
 }
 
 // Append's floor: reads n_in and writes n_out 16-byte units in one pass (the stores carry the
@@ -66,30 +66,30 @@ struct Variant {
 };
 constexpr Variant kVariants[] = {{4, 4}, {8, 4}, {4, 8}, {8, 8}};
 
+unsigned grid_for(const Variant& v, size_t n, int sm_count) {
+  return static_cast<unsigned>(std::clamp<size_t>((n + kThreads - 1) / kThreads, 1, size_t(sm_count) * v.blocks_per_sm));
+}
+
+void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || bytes % 16 != 0)
+    fail(TQKV_ERROR_INVALID_ARGUMENT, std::string(what) + ": buffers and sizes must be multiples of 16 bytes");
+}
+
+const Variant& variant_of(int variant, const char* what) {
+  if (variant < 0 || variant >= int(std::size(kVariants)))
+    fail(TQKV_ERROR_INVALID_ARGUMENT, std::string(what) + ": variant " + std::to_string(variant));
+  return kVariants[variant];
+}
+
 }  // namespace
 
 int read_floor_variants() { return int(std::size(kVariants)); }
 
 std::string read_floor_name(int variant) {
-  const Variant& v = kVariants[variant];
+  const Variant& v = variant_of(variant, "read floor name");
   return std::to_string(v.blocks_per_sm) + " blocks/SM x " + std::to_string(kThreads) + " threads, " +
          std::to_string(v.unroll) + " x 16 B in flight per thread";
 }
-
-namespace {
-unsigned grid_for(const Variant& v, size_t n, int sm_count) {
-  return static_cast<unsigned>(std::clamp<size_t>((n + kThreads - 1) / kThreads, 1, size_t(sm_count) * v.blocks_per_sm));
-}
-void check_aligned(const void* p, size_t bytes, const char* what) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || bytes % 16 != 0)
-    fail(TQKV_ERROR_INVALID_ARGUMENT, std::string(what) + ": buffers and sizes must be multiples of 16 bytes");
-}
-const Variant& variant_of(int variant, const char* what) {
-  if (variant < 0 || variant >= read_floor_variants())
-    fail(TQKV_ERROR_INVALID_ARGUMENT, std::string(what) + ": variant " + std::to_string(variant));
-  return kVariants[variant];
-}
-}  // namespace
 
 void launch_stream_floor(int variant, const void* in, size_t in_bytes, void* out, size_t out_bytes, int sm_count,
                          cudaStream_t st) {
