@@ -26,6 +26,8 @@
 
 #ifdef TQKV_TEST_CUDA_RUNTIME
 #include <cuda_runtime.h>
+
+#include "cuda/encode.h"
 #endif
 
 namespace {
@@ -80,10 +82,29 @@ Diff run_case(const Case& c, uint64_t seed) {
   return compare(cpu.get(), back.get());
 }
 
+// Both encoder geometries (32 values per lane, and the narrower one small appends take) on
+// every case; the appends here are small, so left to itself the encoder would take the narrow one.
+void check_every_case(uint64_t seed);
+
 TEST(CudaAppend, MatchesCpuEncoderAcrossTypesDimsAndInputs) {
   SKIP_WITHOUT_CUDA();
   const uint64_t seed = tqkv::test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
+#ifdef TQKV_TEST_CUDA_RUNTIME
+  struct Restore {
+    ~Restore() { tqkv::cuda::enc::force_lanes(tqkv::cuda::enc::Lanes::kAuto); }
+  } restore;
+  for (auto lanes : {tqkv::cuda::enc::Lanes::kNarrow, tqkv::cuda::enc::Lanes::kWide}) {
+    SCOPED_TRACE(lanes == tqkv::cuda::enc::Lanes::kWide ? "32 values per lane" : "narrow geometry");
+    tqkv::cuda::enc::force_lanes(lanes);
+    check_every_case(seed);
+  }
+#else
+  check_every_case(seed);
+#endif
+}
+
+void check_every_case(uint64_t seed) {
   const tqkv_type pairs[][2] = {{TQKV_TYPE_TQ2, TQKV_TYPE_TQ3}, {TQKV_TYPE_TQ3, TQKV_TYPE_TQ4},
                                 {TQKV_TYPE_TQ4, TQKV_TYPE_TQ8}, {TQKV_TYPE_TQ8, TQKV_TYPE_F16},
                                 {TQKV_TYPE_F16, TQKV_TYPE_TQ2}, {TQKV_TYPE_TQ4, TQKV_TYPE_TQ4}};

@@ -256,7 +256,8 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     ea.tabs = tabs;
     ea.fin = fin;
     ea.rows = R;
-    const uint32_t rpw = enc::rows_per_warp(d_);
+    ea.vpl = enc::values_per_lane(d_, dtype, R, sm_count_);
+    const uint32_t rpw = enc::rows_per_warp(d_, ea.vpl);
     ea.tasks = (R + rpw - 1) / rpw;
     ea.hkv = hkv_;
     if (hkv_ > 1) {  // r / hkv = __umulhi(r, mul) >> shift for r < 2^31 (division by invariant integers)
@@ -272,7 +273,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     ea.direct = direct;
     ea.centered = centered;
     ea.centers = centers_;
-    ea.signs = signs_;
+    std::copy(sign_bits_, sign_bits_ + 16, ea.sign_bits);
     ea.inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
     ea.sqrt_d = std::sqrt(static_cast<double>(d_));
     for (int w = 0; w < 2; ++w) {

@@ -121,6 +121,8 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
     init_plane(v_, meta.plane(1), rows, d_);
     signs_ = dev_alloc<float>(d_, "rotation signs");
     TQKV_CUDA_CHECK(cudaMemcpy(signs_, meta.signs(), d_ * sizeof(float), cudaMemcpyHostToDevice));
+    for (uint32_t j = 0; j < d_; ++j)
+      if (meta.signs()[j] < 0.0f) sign_bits_[j / 32] |= 1u << (j % 32);
     lengths_ = dev_alloc<int64_t>(seqs_, "lengths");
     centers_ = dev_alloc<float>(size_t(seqs_) * hkv_ * d_, "key means");
     host_stage(4096);

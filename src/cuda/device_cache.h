@@ -97,6 +97,7 @@ class DeviceCache {
   int device_ = 0, sm_count_ = 0, cc_major_ = 0;
   DevPlane k_, v_;
   float* signs_ = nullptr;
+  uint32_t sign_bits_[16] = {};  // the signs as bits, for the encoder's parameters (enc::EncodeArgs)
   int64_t* lengths_ = nullptr;
   float* centers_ = nullptr;
   // The append pipeline (cuda/encode.h): its device state; serial numbers of the last append and

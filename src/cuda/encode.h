@@ -93,7 +93,8 @@ struct EncodeArgs {
   Tables tabs;
   Finish fin;
   uint64_t rows = 0;   // R = tokens * hkv per tensor
-  uint64_t tasks = 0;  // warp tasks per tensor: ceil(R / rows per warp)
+  uint64_t tasks = 0;  // warp tasks per tensor: ceil(R / rows_per_warp(d, vpl))
+  uint32_t vpl = 32;   // values of a row per lane (values_per_lane)
   uint32_t hkv = 0, num_seqs = 0, cap = 0;
   // r / hkv as __umulhi(r, hkv_mul) >> hkv_shift for r < 2^31 (hkv > 1; append() fills them).
   uint32_t hkv_mul = 0, hkv_shift = 0;
@@ -101,7 +102,7 @@ struct EncodeArgs {
   bool direct = false;               // rows go to their slots, and this kernel decides
   bool centered = false;             // some sequence stores keys minus a mean
   const float* centers = nullptr;    // stored key means
-  const float* signs = nullptr;
+  uint32_t sign_bits[16] = {};  // bit j % 32 of word j / 32: coordinate j is negated (d <= 512)
   float inv_sqrt_d = 0;  // float(1 / sqrt(d)), as core/rotation.cpp
   double sqrt_d = 0;
 };
@@ -127,6 +128,15 @@ struct MeanArgs {
 void launch_means(tqkv_dtype dt, const MeanArgs& m, void* stream);
 void launch_encode(uint32_t d, tqkv_dtype dt, const EncodeArgs& a, int sm_count, void* stream);
 void launch_commit(const CommitArgs& a, int sm_count, void* stream);
-uint32_t rows_per_warp(uint32_t d);
+// Values of a row per lane for an append of `rows` rows per plane: 32, or fewer for a small append
+// (see Geo in encode.cu); the launch reads it from EncodeArgs::vpl, and tasks count warps of
+// rows_per_warp(d, vpl) rows.
+uint32_t values_per_lane(uint32_t d, tqkv_dtype dt, uint64_t rows, int sm_count);
+uint32_t rows_per_warp(uint32_t d, uint32_t vpl);
+
+// Fixes values_per_lane's choice for every later append in the process (tests and A/B runs; the
+// environment variable TQKV_CUDA_ENCODE_VPL=32 or =small sets it at start).
+enum class Lanes : int { kAuto = 0, kWide = 1, kNarrow = 2 };
+void force_lanes(Lanes lanes);
 
 }  // namespace tqkv::cuda::enc
