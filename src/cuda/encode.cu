@@ -343,6 +343,10 @@ __device__ __forceinline__ void encode_f16(const EncodeArgs& a, const TabView& t
   store_bytes<V * 2>(a.plane[w].rows + at * a.plane[w].stride + gl * V * 2, words);
 }
 
+// Grids that decide count their blocks in 16 bits of State::ticket (decide); they are far smaller
+// (resident blocks only), which the launchers check.
+constexpr unsigned kMaxDecideBlocks = 1u << 16;
+
 // The append's new lengths and key means (the deciding block, no error key set).
 __device__ __forceinline__ void commit_lengths(const Finish& f, const TabView& tv, uint32_t num_seqs) {
   for (uint32_t s = threadIdx.x; s < num_seqs; s += blockDim.x)
@@ -356,24 +360,35 @@ __device__ __forceinline__ void commit_lengths(const Finish& f, const TabView& t
 // own_keys: every error key of this append was posted by this kernel (block_posted tracks them).
 __device__ void decide(const Finish& f, const TabView& tv, uint32_t num_seqs, uint32_t hkv, unsigned blocks,
                        bool own_keys) {
-  __shared__ bool last;
+  __shared__ bool last, clean;
   __syncthreads();
   if (blocks == 1 && own_keys && block_posted() == 0) {  // nothing to read back, nothing to reset
     commit_lengths(f, tv, num_seqs);
     return;
   }
+  State* st = f.state;
   // A grid of one block (a decode step at batch 1) decides without a ticket: the fences and the
   // atomic round trip were a third of such an append's time.
   if (blocks > 1) {
     if (threadIdx.x == 0) {
       __threadfence();  // this block's rows and error keys before its ticket
-      last = atomicAdd(&f.state->ticket, 1u) == blocks - 1;
+      // The ticket counts the blocks in its low 16 bits (grids stay far below 2^16 blocks) and,
+      // when every key is this kernel's, the blocks that posted one above them: then the last
+      // block knows without reading the keys back whether any was set.
+      const unsigned add = 1u + (own_keys && block_posted() != 0 ? 0x10000u : 0u);
+      const unsigned t = atomicAdd(&st->ticket, add) + add;
+      last = (t & 0xFFFFu) == blocks;
+      clean = own_keys && (t >> 16) == 0;
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
+    if (clean) {
+      commit_lengths(f, tv, num_seqs);
+      if (threadIdx.x == 0) st->ticket = 0;  // every block has counted itself; the keys are untouched
+      return;
+    }
   }
-  State* st = f.state;
   const unsigned long long k0 = atomicOr(&st->flags[0], 0ull), k1 = atomicOr(&st->flags[1], 0ull);
   if (k0 == kNoError && k1 == kNoError) {
     commit_lengths(f, tv, num_seqs);
@@ -577,6 +592,7 @@ void launch_encode_v(const EncodeArgs& a, int sm_count, cudaStream_t st) {
   const uint64_t want = (2 * a.tasks + kWarps - 1) / kWarps;
   const unsigned blocks = static_cast<unsigned>(
       std::min<uint64_t>(want, uint64_t(resident_per_sm<D, DT, VPL>()) * uint64_t(sm_count)));
+  if (blocks >= kMaxDecideBlocks) fail(TQKV_ERROR_INTERNAL, "cuda encode: " + std::to_string(blocks) + " blocks");
   encode_kernel<D, DT, VPL><<<blocks, kThreads, 0, st>>>(a);
   TQKV_CUDA_LAUNCHED("encode_kernel");
 }
@@ -678,6 +694,7 @@ void launch_commit(const CommitArgs& a, int sm_count, void* stream) {
   const uint64_t chunks = uint64_t(a.nrows) * (std::max(a.plane[0].stride, a.plane[1].stride) / 16);
   const auto x = static_cast<unsigned>(
       std::max<uint64_t>(1, std::min<uint64_t>((chunks + 255) / 256, uint64_t(sm_count) * 2)));
+  if (2 * x >= kMaxDecideBlocks) fail(TQKV_ERROR_INTERNAL, "cuda commit: " + std::to_string(2 * x) + " blocks");
   commit_kernel<<<dim3(x, 2), 256, 0, static_cast<cudaStream_t>(stream)>>>(a);
   TQKV_CUDA_LAUNCHED("commit_kernel");
 }

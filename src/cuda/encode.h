@@ -33,7 +33,7 @@ constexpr uint32_t kTabSeqs = 64;
 // flags = kNoError, ticket = 0.
 struct State {
   unsigned long long flags[2];  // error keys (K, V) of the append in flight
-  unsigned int ticket;          // blocks of the deciding kernel done so far
+  unsigned int ticket;          // blocks of the deciding kernel done so far (low 16 bits; see decide)
   unsigned int failed;          // serial of the first failed append since the host last looked; 0: none
   unsigned int dropped;         // appends skipped because of it
   unsigned long long rows_back; // rows (K and V) of the failed append and the skipped ones
