@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "core/codec_ref.h"
 #include "core/error.h"
@@ -491,19 +492,14 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
     const int w = task >= a.tasks ? 1 : 0;  // warp-uniform: K and V tasks never share a warp
     const uint64_t r = (task - (w ? a.tasks : 0)) * G::RPW + group;
     const bool valid = r < a.rows;
+    auto tq = [&](auto bits) {
+      encode_tq<D, DT, VPL, decltype(bits)::value>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
+    };
     switch (a.plane[w].bits) {
-      case 2:
-        encode_tq<D, DT, VPL, 2>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
-        break;
-      case 3:
-        encode_tq<D, DT, VPL, 3>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
-        break;
-      case 4:
-        encode_tq<D, DT, VPL, 4>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
-        break;
-      case 8:
-        encode_tq<D, DT, VPL, 8>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
-        break;
+      case 2: tq(std::integral_constant<int, 2>{}); break;
+      case 3: tq(std::integral_constant<int, 3>{}); break;
+      case 4: tq(std::integral_constant<int, 4>{}); break;
+      case 8: tq(std::integral_constant<int, 8>{}); break;
       default: encode_f16<D, DT, VPL>(a, tv, w, r, valid, gl); break;
     }
   }
