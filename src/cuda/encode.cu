@@ -433,6 +433,14 @@ __device__ __forceinline__ bool skipped(const Finish& f, bool counts, unsigned f
   return true;
 }
 
+// The input row of lane group `group` in warp task `task` (RPW rows per warp); w: its plane (0 K,
+// 1 V), warp-uniform: K and V tasks never share a warp.
+template <int RPW>
+__device__ __forceinline__ uint64_t task_row(const EncodeArgs& a, uint64_t task, int group, int& w) {
+  w = task >= a.tasks ? 1 : 0;
+  return (task - (w ? a.tasks : 0)) * RPW + group;
+}
+
 // Two blocks per SM: 128 registers for 32 values per lane.
 template <int D, int DT, int VPL>
 __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_constant__ EncodeArgs a) {
@@ -445,8 +453,8 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
   float x[G::V];
   bool loaded = false;
   if (first < 2 * a.tasks) {
-    const int w = first >= a.tasks ? 1 : 0;
-    const uint64_t r = (first - (w ? a.tasks : 0)) * G::RPW + group;
+    int w;
+    const uint64_t r = task_row<G::RPW>(a, first, group, w);
     loaded = a.plane[w].bits != 0;  // dense planes load their own
     if (loaded) row_values<D, DT, VPL>(a, w, r, r < a.rows, gl, x);
   }
@@ -489,8 +497,8 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
       (a.sign_bits[gl * G::V / 32] >> (gl * G::V % 32)) & (G::V == 32 ? ~0u : (1u << G::V) - 1u);
   const uint64_t warps = uint64_t(gridDim.x) * kWarps;
   for (uint64_t task = first; task < 2 * a.tasks; task += warps, loaded = false) {
-    const int w = task >= a.tasks ? 1 : 0;  // warp-uniform: K and V tasks never share a warp
-    const uint64_t r = (task - (w ? a.tasks : 0)) * G::RPW + group;
+    int w;
+    const uint64_t r = task_row<G::RPW>(a, task, group, w);
     const bool valid = r < a.rows;
     auto tq = [&](auto bits) {
       encode_tq<D, DT, VPL, decltype(bits)::value>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
