@@ -576,6 +576,27 @@ __global__ void commit_kernel(const __grid_constant__ CommitArgs a) {
   decide(a.fin, tv, a.num_seqs, a.hkv, gridDim.x * gridDim.y, false);
 }
 
+// f(std::integral_constant<int, D>) for the encoder's head_dim d, and f(...<int, DT>) for an input
+// dtype: the one mapping from runtime values to kernel instances.
+template <typename F>
+decltype(auto) with_head_dim(uint32_t d, F&& f) {
+  switch (d) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    case 512: return f(std::integral_constant<int, 512>{});
+    default: fail(TQKV_ERROR_INTERNAL, "cuda encode: head_dim " + std::to_string(d));
+  }
+}
+template <typename F>
+decltype(auto) with_dtype(tqkv_dtype dt, F&& f) {
+  switch (dt) {
+    case TQKV_DTYPE_F32: return f(std::integral_constant<int, TQKV_DTYPE_F32>{});
+    case TQKV_DTYPE_F16: return f(std::integral_constant<int, TQKV_DTYPE_F16>{});
+    default: return f(std::integral_constant<int, TQKV_DTYPE_BF16>{});
+  }
+}
+
 template <typename K>
 int resident_blocks(K kernel, int threads) {
   int n = 0;
@@ -626,23 +647,10 @@ uint32_t values_per_lane_d(tqkv_dtype dt, uint64_t rows, int sm_count) {
   // The small geometry when its tasks (K and V) fill at most half a round of resident warps: the
   // append then takes one short task's time instead of one long one's. (At a full round it was
   // slower on an H100: D = 128, 512 tokens x 8 heads 11.2 against 10.2 us.)
-  const int per_sm = dt == TQKV_DTYPE_F32   ? resident_per_sm<D, TQKV_DTYPE_F32, kSmallV<D>>()
-                     : dt == TQKV_DTYPE_F16 ? resident_per_sm<D, TQKV_DTYPE_F16, kSmallV<D>>()
-                                            : resident_per_sm<D, TQKV_DTYPE_BF16, kSmallV<D>>();
+  const int per_sm = with_dtype(dt, [](auto t) { return resident_per_sm<D, decltype(t)::value, kSmallV<D>>(); });
   const uint64_t rpw = Geo<D, kSmallV<D>>::RPW;
   const uint64_t tasks = 2 * ((rows + rpw - 1) / rpw);
   return 2 * tasks <= uint64_t(per_sm) * uint64_t(sm_count) * kWarps ? small : 32u;
-}
-
-template <int DT>
-void launch_encode_d(uint32_t d, const EncodeArgs& a, int sm_count, cudaStream_t st) {
-  switch (d) {
-    case 64: return launch_encode_t<64, DT>(a, sm_count, st);
-    case 128: return launch_encode_t<128, DT>(a, sm_count, st);
-    case 256: return launch_encode_t<256, DT>(a, sm_count, st);
-    case 512: return launch_encode_t<512, DT>(a, sm_count, st);
-    default: fail(TQKV_ERROR_INTERNAL, "cuda encode: head_dim " + std::to_string(d));
-  }
 }
 
 template <int DT>
@@ -661,13 +669,7 @@ void launch_means_t(const MeanArgs& m, cudaStream_t st) {
 }  // namespace
 
 uint32_t values_per_lane(uint32_t d, tqkv_dtype dt, uint64_t rows, int sm_count) {
-  switch (d) {
-    case 64: return values_per_lane_d<64>(dt, rows, sm_count);
-    case 128: return values_per_lane_d<128>(dt, rows, sm_count);
-    case 256: return values_per_lane_d<256>(dt, rows, sm_count);
-    case 512: return values_per_lane_d<512>(dt, rows, sm_count);
-    default: fail(TQKV_ERROR_INTERNAL, "cuda encode: head_dim " + std::to_string(d));
-  }
+  return with_head_dim(d, [&](auto dd) { return values_per_lane_d<decltype(dd)::value>(dt, rows, sm_count); });
 }
 
 uint32_t rows_per_warp(uint32_t d, uint32_t vpl) { return 32 / (d / vpl); }
@@ -676,20 +678,14 @@ void force_lanes(Lanes lanes) { forced_lanes().store(int(lanes), std::memory_ord
 
 void launch_means(tqkv_dtype dt, const MeanArgs& m, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case TQKV_DTYPE_F32: return launch_means_t<TQKV_DTYPE_F32>(m, st);
-    case TQKV_DTYPE_F16: return launch_means_t<TQKV_DTYPE_F16>(m, st);
-    default: return launch_means_t<TQKV_DTYPE_BF16>(m, st);
-  }
+  with_dtype(dt, [&](auto t) { launch_means_t<decltype(t)::value>(m, st); });
 }
 
 void launch_encode(uint32_t d, tqkv_dtype dt, const EncodeArgs& a, int sm_count, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case TQKV_DTYPE_F32: return launch_encode_d<TQKV_DTYPE_F32>(d, a, sm_count, st);
-    case TQKV_DTYPE_F16: return launch_encode_d<TQKV_DTYPE_F16>(d, a, sm_count, st);
-    default: return launch_encode_d<TQKV_DTYPE_BF16>(d, a, sm_count, st);
-  }
+  with_dtype(dt, [&](auto t) {
+    with_head_dim(d, [&](auto dd) { launch_encode_t<decltype(dd)::value, decltype(t)::value>(a, sm_count, st); });
+  });
 }
 
 void launch_commit(const CommitArgs& a, int sm_count, void* stream) {
