@@ -347,6 +347,12 @@ TEST(Attention, InvalidParametersAreRejected) {
   p.num_q_heads = 0;
   expect(TQKV_ERROR_INVALID_ARGUMENT, "num_q_heads", p);
   p = ok;
+  p.num_q_heads = 0xFFFFFFFEu;  // a multiple of the 2 KV heads, far beyond the limit
+  expect(TQKV_ERROR_INVALID_ARGUMENT, "at most 65536", p);
+  size_t ws = 1;
+  EXPECT_EQ(tqkv_attend_workspace_size(cache.get(), &p, &ws), TQKV_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tqkv_last_error()).find("num_q_heads"), std::string::npos) << tqkv_last_error();
+  p = ok;
   p.scale = std::numeric_limits<float>::quiet_NaN();
   expect(TQKV_ERROR_INVALID_ARGUMENT, "scale", p);
   p.scale = 0;

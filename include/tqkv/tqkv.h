@@ -278,7 +278,13 @@ TQKV_API tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t
  *   scanned for non-finite values (that would need a synchronisation);
  * - tqkv_attend_seq is not available (TQKV_ERROR_UNSUPPORTED); tqkv_cache_read,
  *   tqkv_attend_reference and tqkv_attend_seq_reference copy the cache to the host and work on
- *   host pointers. */
+ *   host pointers (refused during graph capture: they wait for the stream);
+ * - every call works on the cache's device whatever device is current on the calling thread,
+ *   which it leaves as it was; device pointers of another GPU are refused (managed memory is
+ *   accepted). At most 65535 sequences per CUDA cache;
+ * - several threads may call tqkv_attend on one cache at once: calls that share the cache's own
+ *   workspace are queued one after another. A graph captured with that workspace stays valid
+ *   when a later call needs a larger one (the old one is kept until the cache is destroyed). */
 /* Sets the cudaStream_t (passed as void*) that the cache's work runs on; NULL = default stream. */
 TQKV_API tqkv_status tqkv_cache_set_stream(tqkv_cache* cache, void* stream);
 /* Bytes of device workspace tqkv_attend needs on this cache with these params, for any length

@@ -93,9 +93,12 @@ std::unique_ptr<tqkv_cache> host_mirror(const tqkv_cache* c) {
   return h;
 }
 
-void need_device(const void* p, const char* what) {
-  if (p != nullptr && !tqkv::cuda::on_device(p))
+void need_device(const void* p, const char* what, int device) {
+  if (p == nullptr) return;
+  const int where = tqkv::cuda::pointer_device(p);
+  if (where == tqkv::cuda::kHostMemory)
     tqkv::invalid(std::string(what) + ": host pointer; a CUDA cache attends on device memory (cudaMalloc)");
+  tqkv::cuda::check_same_device(where, device, what);
 }
 #endif
 
@@ -323,15 +326,20 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   const auto& c = cache->impl;
   auto& dev = device_of(cache);
   if (params == nullptr) tqkv::invalid("params: NULL; must point to a tqkv_attn_params");
-  need_device(q, "q");
-  need_device(out, "out");
-  need_device(lse, "lse");
+  const tqkv::cuda::DeviceScope scope(dev.device());
+  need_device(q, "q", dev.device());
+  need_device(out, "out", dev.device());
+  need_device(lse, "lse", dev.device());
   const bool cap = tqkv::cuda::capturing(dev.stream());
   // Host-side validation of everything but the values behind device pointers.
   // Device q_pos values are read by the kernel (an out-of-range one gives NaN outputs there).
   // Host sinks are checked there; device ones are read where they are.
-  const bool qpos_dev = params->q_pos && tqkv::cuda::on_device(params->q_pos);
-  const bool sinks_dev = params->sinks && tqkv::cuda::on_device(params->sinks);
+  const int qpos_where = params->q_pos ? tqkv::cuda::pointer_device(params->q_pos) : tqkv::cuda::kHostMemory;
+  const int sinks_where = params->sinks ? tqkv::cuda::pointer_device(params->sinks) : tqkv::cuda::kHostMemory;
+  tqkv::cuda::check_same_device(qpos_where, dev.device(), "q_pos");
+  tqkv::cuda::check_same_device(sinks_where, dev.device(), "sinks");
+  const bool qpos_dev = qpos_where != tqkv::cuda::kHostMemory;
+  const bool sinks_dev = sinks_where != tqkv::cuda::kHostMemory;
   tqkv_attn_params host_view = *params;
   if (qpos_dev) host_view.q_pos = nullptr;
   if (sinks_dev) host_view.sinks = nullptr;
@@ -348,8 +356,11 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   call.mask = params->mask;
   call.window = params->window;
   const size_t need_ws = tqkv::cuda::workspace_bytes(dev, c.config(), params->num_q_heads);
+  // From here to the launches the cache's workspace, its q_pos/sinks tail and the stream's order
+  // belong to this call: several threads may attend on one cache at once (tqkv.h).
+  const std::lock_guard<std::mutex> lock(dev.attend_mutex());
   if (params->workspace) {
-    need_device(params->workspace, "workspace");
+    need_device(params->workspace, "workspace", dev.device());
     // The kernels read the partials in float2 and float4 and the host q_pos tail as int64.
     if (reinterpret_cast<uintptr_t>(params->workspace) % 16 != 0)
       tqkv::invalid("workspace: must be 16-byte aligned (cudaMalloc returns 256-byte aligned memory)");
@@ -444,9 +455,7 @@ tqkv_status tqkv_attend_workspace_size(const tqkv_cache* cache, const tqkv_attn_
     const auto& c = cache_ref(cache);
     need(bytes, "bytes");
     if (params == nullptr) tqkv::invalid("params: NULL; must point to a tqkv_attn_params");
-    if (params->num_q_heads == 0 || params->num_q_heads % c.num_kv_heads() != 0)
-      tqkv::invalid("num_q_heads: " + std::to_string(params->num_q_heads) +
-                    " is invalid; must be a positive multiple of num_kv_heads (" + std::to_string(c.num_kv_heads()) + ")");
+    tqkv::core::check_num_q_heads(params->num_q_heads, c.num_kv_heads());
     *bytes = 0;
 #ifdef TQKV_HAVE_CUDA
     if (cache->cuda()) *bytes = tqkv::cuda::workspace_bytes(device_of(cache), c.config(), params->num_q_heads);

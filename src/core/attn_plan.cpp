@@ -17,14 +17,22 @@ std::string num(double x) {
   return buf;
 }
 
+}  // namespace
+
+void check_num_q_heads(uint32_t num_q_heads, uint32_t hkv) {
+  if (num_q_heads == 0 || num_q_heads % hkv != 0 || num_q_heads > kMaxQHeads)
+    invalid("num_q_heads: " + std::to_string(num_q_heads) + " is invalid; must be a positive multiple of num_kv_heads (" +
+            std::to_string(hkv) + "), at most " + std::to_string(kMaxQHeads));
+}
+
+namespace {
+
 AttnPlan plan_common(const Cache& c, const tqkv_attn_params* p, const float* q, const float* out) {
   if (p == nullptr) invalid("params: NULL; must point to a tqkv_attn_params");
   if (q == nullptr) invalid("q: NULL; must point to the queries");
   if (out == nullptr) invalid("out: NULL; must point to room for the outputs");
   const uint32_t hkv = c.num_kv_heads();
-  if (p->num_q_heads == 0 || p->num_q_heads % hkv != 0)
-    invalid("num_q_heads: " + std::to_string(p->num_q_heads) + " is invalid; must be a positive multiple of num_kv_heads (" +
-            std::to_string(hkv) + ")");
+  check_num_q_heads(p->num_q_heads, hkv);
   if (!std::isfinite(p->scale) || p->scale == 0.0f)
     invalid("scale: " + num(p->scale) + " is invalid; must be finite and non-zero");
   if (!std::isfinite(p->softcap) || p->softcap < 0.0f)

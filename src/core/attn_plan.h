@@ -31,6 +31,12 @@ struct AttnPlan {
   std::vector<QueryPlan> queries;
 };
 
+// Most query heads a call takes (any sane model has far fewer; this bounds the sizes derived
+// from it). check_num_q_heads throws INVALID_ARGUMENT naming num_q_heads unless it is a positive
+// multiple of hkv and at most kMaxQHeads.
+constexpr uint32_t kMaxQHeads = 65536;
+void check_num_q_heads(uint32_t num_q_heads, uint32_t hkv);
+
 // Decode: one query per sequence. Throws tqkv::Error naming the invalid parameter; checks q for
 // non-finite values.
 // q_on_host = false (CUDA: q in device memory) skips the scan of q's values. q_pos and sinks

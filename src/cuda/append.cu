@@ -79,6 +79,7 @@ struct DeviceCache::SyncContext {
 
 void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype dtype, const void* k, const void* v,
                          bool async) {
+  DeviceScope scope(device_);
   if (!async && capturing(stream_))  // before sync(), whose wait would break the capture
     fail(TQKV_ERROR_UNSUPPORTED, "append: a synchronous append waits for its stream, which graph capture does not "
                                  "allow; use tqkv_cache_append_batch_async");
@@ -97,7 +98,10 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     fail(TQKV_ERROR_UNSUPPORTED, "append: " + std::to_string(total) + " tokens x " + std::to_string(hkv_) +
                                      " kv heads is too much for one call (2^31 16-byte row pieces); split it");
   // One pointer lookup each (cudaPointerGetAttributes costs about a microsecond).
-  const bool k_dev = on_device(k), v_dev = on_device(v);
+  const int k_where = pointer_device(k), v_where = pointer_device(v);
+  check_same_device(k_where, device_, "k");
+  check_same_device(v_where, device_, "v");
+  const bool k_dev = k_where != kHostMemory, v_dev = v_where != kHostMemory;
   bool graph = false;  // captured into a CUDA graph: runs only when the graph is replayed
   if (async) {
     if (!k_dev) invalid("k: host memory; an asynchronous append reads device memory (tqkv_cache_append_batch copies host input)");
@@ -201,7 +205,8 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
                                        "; it cannot grow during capture: make one asynchronous append of the same "
                                        "shape before capturing");
     TQKV_CUDA_CHECK(cudaStreamSynchronize(st));  // earlier work on the stream may still read it
-    grow(staging_, staging_bytes_, off, false, "append staging");
+    // A graph with a captured append may hold the old staging in its kernels' parameters.
+    grow(staging_, staging_bytes_, off, false, "append staging", graph_appends_);
   }
   uint8_t* stage = static_cast<uint8_t*>(staging_);
 
@@ -348,7 +353,10 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
   }
 }
 
-void DeviceCache::sync(core::Cache& meta) { sync_impl(meta, nullptr); }
+void DeviceCache::sync(core::Cache& meta) {
+  DeviceScope scope(device_);
+  sync_impl(meta, nullptr);
+}
 
 std::vector<int64_t> DeviceCache::device_lengths() const {
   std::vector<int64_t> len(seqs_);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -138,7 +139,9 @@ uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
 uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
   const Instance tile = pick_tile(cfg.k_type, cfg.v_type, cfg.head_dim);
   const Instance lut = pick_lut(cfg.k_type, cfg.v_type, cfg.head_dim);
-  return std::max(max_splits(dev, cfg, num_q_heads, tile), lut ? max_splits(dev, cfg, num_q_heads, lut) : 0u);
+  // splits_for takes at least one split per 2^30 visible rows (the kernels count rows in 32 bits).
+  const uint32_t fewest = uint32_t((uint64_t(cfg.capacity) + (1ull << 30) - 1) >> 30);
+  return std::max({max_splits(dev, cfg, num_q_heads, tile), lut ? max_splits(dev, cfg, num_q_heads, lut) : 0u, fewest});
 }
 
 // Workspace bytes before the tail that carries host q_pos and sinks.
@@ -312,6 +315,8 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
   const int64_t min_rows = inst ? inst.min_rows_per_split : kMinRowsPerSplit;
   auto by_len = [&](int64_t rows) { return std::max<int64_t>(1, (max_visible + rows - 1) / rows); };
   int64_t n = by_len(min_rows);
+  // The kernels count a split's rows in 32 bits.
+  const int64_t fewest = by_len(int64_t(1) << 30);
   // A short context whose blocks would not reach half the SMs takes half-size splits: at
   // S = 1024, batch 1, Hkv = 8 on the H100 that is 7.2 instead of 8.1 us; where the blocks
   // already cover half the SMs (S = 2048, or batch 8) halving was slower (docs/cuda-kernel-notes.md).
@@ -324,7 +329,7 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
     if ((max_visible + one - 1) / one <= inst.one_block_max_rows)
       n = std::min(one, by_len(std::max<int64_t>(1, min_rows / 2)));
   }
-  return uint32_t(std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), n));
+  return uint32_t(std::max(fewest, std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), n)));
 }
 
 }  // namespace
@@ -345,6 +350,14 @@ size_t workspace_bytes(const DeviceCache& dev, const tqkv_cache_config& cfg, uin
 
 void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCall& call, int64_t max_visible) {
   const uint32_t group = call.num_q_heads / cfg.num_kv_heads;
+  // The grids: (split, KV head x head chunk, sequence) for the attention, one block per
+  // (sequence, query head) for the combine. num_seqs <= 65535 is checked when the cache is made.
+  const uint64_t grid_y = uint64_t(cfg.num_kv_heads) * head_chunks(group);
+  if (grid_y > 65535 || uint64_t(cfg.num_seqs) * call.num_q_heads > uint64_t(INT32_MAX))
+    invalid("num_q_heads: " + std::to_string(call.num_q_heads) + " is too many for the CUDA backend with " +
+            std::to_string(cfg.num_kv_heads) + " KV heads and " + std::to_string(cfg.num_seqs) +
+            " sequences; allowed: num_kv_heads x ceil(num_q_heads / num_kv_heads / 8) <= 65535 and num_seqs x "
+            "num_q_heads < 2^31");
   const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, group, max_visible);
   if (!inst) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
   const uint32_t ns = splits_for(dev, cfg, call.num_q_heads, max_visible, inst);
@@ -398,7 +411,6 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
                                         : combine_kernel<512>;
   launch_ex(combine, dim3(rows), dim3(kCombineWarps * 32), 0, stream, pdl, static_cast<const float*>(p.part_o),
             static_cast<const float*>(p.part_ml), call.sinks, dev.signs(), call.out, call.lse, call.num_q_heads, ns, rot);
-  TQKV_CUDA_LAUNCHED("combine_kernel");
 }
 
 }  // namespace tqkv::cuda

@@ -717,7 +717,6 @@ void launch_attn(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool
   // Per function and device; cheap, and allowed while a graph is captured.
   TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
-  TQKV_CUDA_LAUNCHED("attn_decode_kernel");
 }
 
 // Blocks of this instance that fit on one SM (the split count fills exactly whole waves).

@@ -569,7 +569,6 @@ void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl)
                       : (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, false> : attn_lut_kernel<D, MB, false, false>);
   TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
-  TQKV_CUDA_LAUNCHED("attn_lut_kernel");
 }
 
 // Resident blocks per SM (the split count fills one wave of them).

@@ -22,5 +22,10 @@ namespace tqkv::cuda {
     if (tqkv_e_ != cudaSuccess) ::tqkv::cuda::cuda_fail(tqkv_e_, #call, __FILE__, __LINE__); \
   } while (0)
 
-// After a launch: configuration errors are reported at once.
-#define TQKV_CUDA_LAUNCHED(name) TQKV_CUDA_CHECK(cudaPeekAtLastError())
+// Around a <<<...>>> launch, which returns no status: TQKV_CUDA_CLEAR_STALE() before it drops an
+// earlier call's non-sticky error still recorded on this thread (the caller's failed cudaMalloc,
+// say; that call returned it already), so TQKV_CUDA_LAUNCHED() after it reports this launch's
+// configuration error and not someone else's. A sticky error (a faulted context) stays and is
+// reported. Launches through cudaLaunchKernelEx check its return value instead.
+#define TQKV_CUDA_CLEAR_STALE() ((void)cudaGetLastError())
+#define TQKV_CUDA_LAUNCHED(name) TQKV_CUDA_CHECK(cudaGetLastError())

@@ -24,13 +24,33 @@ bool device_available() {
   return n > 0;
 }
 
-bool on_device(const void* p) {
+int pointer_device(const void* p) {
   cudaPointerAttributes a{};
   if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return kHostMemory;
   }
-  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+  if (a.type == cudaMemoryTypeManaged) return kManaged;
+  return a.type == cudaMemoryTypeDevice ? a.device : kHostMemory;
+}
+
+void check_same_device(int where, int device, const char* what) {
+  if (where >= 0 && where != device)
+    invalid(std::string(what) + ": device memory of GPU " + std::to_string(where) + ", but the cache lives on GPU " +
+            std::to_string(device) + "; pass memory of GPU " + std::to_string(device) + " (or managed memory)");
+}
+
+DeviceScope::DeviceScope(int device) {
+  TQKV_CUDA_CHECK(cudaGetDevice(&prev_));
+  if (prev_ == device) {
+    prev_ = -1;  // nothing to restore
+    return;
+  }
+  TQKV_CUDA_CHECK(cudaSetDevice(device));
+}
+
+DeviceScope::~DeviceScope() {
+  if (prev_ >= 0) (void)cudaSetDevice(prev_);
 }
 
 bool capturing(void* stream) {
@@ -109,6 +129,9 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
                                        "bits), 16 (f16)");
   }
   TQKV_CUDA_CHECK(cudaGetDevice(&device_));
+  // The attention kernels' grid has the sequences in z, which CUDA limits to 65535.
+  if (c.num_seqs > 65535)
+    invalid("num_seqs: " + std::to_string(c.num_seqs) + " is invalid for a CUDA cache; allowed: 1 .. 65535");
   TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major_, cudaDevAttrComputeCapabilityMajor, device_));
   d_ = c.head_dim;
@@ -135,12 +158,25 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
     stage_event_ = ev;
     center_serial_.assign(seqs_, 0);
   } catch (...) {
-    this->~DeviceCache();
+    release();
     throw;
   }
 }
 
 DeviceCache::~DeviceCache() {
+  // cudaFree needs no particular current device, but the event and the pinned buffer are
+  // released on the cache's own device all the same.
+  try {
+    DeviceScope scope(device_);
+    release();
+  } catch (...) {
+    release();
+  }
+}
+
+void DeviceCache::release() {
+  for (void* p : retired_) cudaFree(p);
+  retired_.clear();
   free_plane(k_);
   free_plane(v_);
   cudaFree(signs_);
@@ -162,6 +198,7 @@ DeviceCache::~DeviceCache() {
 }
 
 void DeviceCache::push_state(const core::Cache& meta) {
+  DeviceScope scope(device_);
   std::vector<int64_t> len(seqs_);
   std::vector<float> mu(size_t(seqs_) * hkv_ * d_, 0.0f);
   for (uint32_t s = 0; s < seqs_; ++s) {
@@ -176,6 +213,7 @@ void DeviceCache::push_state(const core::Cache& meta) {
 }
 
 void DeviceCache::set_stream(void* stream) {
+  DeviceScope scope(device_);
   if (capturing(stream_))
     fail(TQKV_ERROR_UNSUPPORTED, "stream: the cache's current stream is being captured into a CUDA graph; set the "
                                  "stream outside the capture");
@@ -185,12 +223,14 @@ void DeviceCache::set_stream(void* stream) {
 }
 
 void DeviceCache::reset(core::Cache& meta, uint32_t seq) {
+  DeviceScope scope(device_);
   sync(meta);
   meta.reset(seq);
   push_state(meta);
 }
 
 void DeviceCache::set_k_center(core::Cache& meta, uint32_t seq, const float* mu_host) {
+  DeviceScope scope(device_);
   if (graph_uncentered_)
     fail(TQKV_ERROR_UNSUPPORTED, "set_k_center: appends captured in a CUDA graph on this cache store keys without a "
                                  "key mean (none was set when they were captured), and replays would not match one "
@@ -201,6 +241,7 @@ void DeviceCache::set_k_center(core::Cache& meta, uint32_t seq, const float* mu_
 }
 
 void DeviceCache::upload(const core::Cache& src, core::Cache& meta) {
+  DeviceScope scope(device_);
   if (!src.host_storage()) invalid("src: must be a host cache to upload from");
   for (uint32_t s = 0; s < seqs_ && graph_uncentered_; ++s)
     if (src.k_center(s) != nullptr)
@@ -223,6 +264,12 @@ void DeviceCache::upload(const core::Cache& src, core::Cache& meta) {
 
 void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
   if (!dst.host_storage()) invalid("dst: must be a host cache to download into");
+  DeviceScope scope(device_);
+  // Reading the rows back waits for the stream, which would invalidate the caller's capture.
+  if (capturing(stream_))
+    fail(TQKV_ERROR_UNSUPPORTED, "cache: reading a CUDA cache back to the host (tqkv_cache_read, "
+                                 "tqkv_attend_reference, tqkv_cache_copy to a CPU cache) waits for its stream, which is "
+                                 "being captured into a CUDA graph; do it outside the capture");
   auto st = static_cast<cudaStream_t>(stream_);
   const size_t rows = size_t(seqs_) * hkv_ * cap_;
   for (int w = 0; w < 2; ++w) {
@@ -243,9 +290,10 @@ void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
   }
 }
 
-void DeviceCache::grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what) {
+void DeviceCache::grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what, bool retire) {
   if (bytes <= have) return;
   if (pinned) cudaFreeHost(buf);
+  else if (retire && buf) retired_.push_back(buf);
   else cudaFree(buf);
   buf = nullptr;
   have = 0;
@@ -266,17 +314,21 @@ uint8_t* DeviceCache::host_stage(size_t bytes) {
 }
 
 void* DeviceCache::workspace(size_t bytes, bool capturing) {
-  if (bytes <= ws_bytes_) return ws_;
+  DeviceScope scope(device_);
+  if (bytes <= ws_bytes_) {
+    if (capturing) ws_captured_ = true;
+    return ws_;
+  }
   if (capturing)
     fail(TQKV_ERROR_INVALID_ARGUMENT,
          "workspace: the cache's own attention workspace (" + std::to_string(ws_bytes_) + " bytes) is smaller than the " +
              std::to_string(bytes) + " bytes needed, and it cannot grow during CUDA graph capture; pass "
              "params.workspace (size from tqkv_attend_workspace_size) or call tqkv_attend once before capturing");
   TQKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));  // the old one may be in use
-  cudaFree(ws_);
-  ws_ = nullptr;
-  ws_bytes_ = 0;
-  ws_ = dev_alloc<uint8_t>(bytes, "attention workspace");
+  void* fresh = dev_alloc<uint8_t>(bytes, "attention workspace");
+  if (ws_captured_ && ws_) retired_.push_back(ws_);  // captured graphs still point at it
+  else cudaFree(ws_);
+  ws_ = fresh;
   ws_bytes_ = bytes;
   return ws_;
 }

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "core/cache.h"
@@ -13,8 +14,30 @@
 namespace tqkv::cuda {
 
 bool device_available();
-// Whether p points to device (or managed) memory, as cudaPointerGetAttributes says.
-bool on_device(const void* p);
+// Where p points, as cudaPointerGetAttributes says: kHostMemory (host or unknown), kManaged, or
+// the device's number for device memory. One lookup costs about a microsecond of host time.
+constexpr int kHostMemory = -2, kManaged = -1;
+int pointer_device(const void* p);
+// Whether p points to device (or managed) memory.
+inline bool on_device(const void* p) { return pointer_device(p) != kHostMemory; }
+// Throws INVALID_ARGUMENT naming `what` when `where` (pointer_device's answer) is device memory of
+// a device other than `device`: a kernel there would fault without peer access. Managed memory
+// is accepted anywhere.
+void check_same_device(int where, int device, const char* what);
+
+// Makes `device` the calling thread's current device until the scope ends (CUDA's runtime calls
+// act on the current device: a cache made on GPU 1 must not allocate or launch on GPU 0 because
+// the caller's thread last used GPU 0).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int prev_ = -1;
+};
 // Whether stream (a cudaStream_t) is being captured into a graph.
 bool capturing(void* stream);
 // Asynchronous host-to-device copy on stream (src must stay valid until the stream reaches it).
@@ -86,8 +109,13 @@ class DeviceCache {
   void upload(const core::Cache& host_src, core::Cache& meta);
   void download(const core::Cache& meta, core::Cache& host_dst) const;
 
-  // A cache-owned attention workspace, grown outside graph capture only.
+  // A cache-owned attention workspace, grown outside graph capture only. Once a capture has
+  // used it, a grown one replaces it without freeing it (retired_): the captured graphs keep
+  // pointing at the old one.
   void* workspace(size_t bytes, bool capturing);
+  // Serialises tqkv_attend calls that share this cache's workspace and stream: the header lets
+  // several threads attend on one cache at once, and their partials must not interleave.
+  std::mutex& attend_mutex() const { return attend_mu_; }
 
   // Mirrors the host lengths and key means after the host changed them.
   void push_state(const core::Cache& meta);
@@ -131,9 +159,14 @@ class DeviceCache {
   size_t host_stage_bytes_ = 0;
   // Replaces buf (have bytes; device memory, or pinned host memory) by one of `bytes` bytes,
   // contents not kept, if it is smaller; `what` names it in the error.
-  static void grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what);
+  // retire: a captured graph may still use buf, so it is kept (freed with the cache) instead.
+  void grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what, bool retire = false);
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
+  bool ws_captured_ = false;      // a captured attend used ws_
+  std::vector<void*> retired_;    // device buffers captured graphs may still use
+  mutable std::mutex attend_mu_;
+  void release();                 // frees everything (the destructor, a failed constructor)
   uint32_t d_ = 0, hkv_ = 0, seqs_ = 0, cap_ = 0;
 };
 

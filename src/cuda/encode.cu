@@ -618,6 +618,7 @@ void launch_encode_v(const EncodeArgs& a, int sm_count, cudaStream_t st) {
   const unsigned blocks = static_cast<unsigned>(
       std::min<uint64_t>(want, uint64_t(resident_per_sm<D, DT, VPL>()) * uint64_t(sm_count)));
   if (blocks >= kMaxDecideBlocks) fail(TQKV_ERROR_INTERNAL, "cuda encode: " + std::to_string(blocks) + " blocks");
+  TQKV_CUDA_CLEAR_STALE();
   encode_kernel<D, DT, VPL><<<blocks, kThreads, 0, st>>>(a);
   TQKV_CUDA_LAUNCHED("encode_kernel");
 }
@@ -659,6 +660,7 @@ void launch_means_t(const MeanArgs& m, cudaStream_t st) {
   const uint32_t xblocks = (m.cols + 127) / 128;
   for (uint32_t first = 0; first < m.ndef; first += 65535) {  // grid y and z limits
     const uint32_t n = std::min(m.ndef - first, 65535u);
+    TQKV_CUDA_CLEAR_STALE();
     mean_partial<DT><<<dim3(xblocks, m.chunks, n), block, 0, st>>>(m, first);
     TQKV_CUDA_LAUNCHED("mean_partial");
     mean_final<<<dim3(xblocks, n), block, 0, st>>>(m, first);
@@ -695,6 +697,7 @@ void launch_commit(const CommitArgs& a, int sm_count, void* stream) {
   const auto x = static_cast<unsigned>(
       std::max<uint64_t>(1, std::min<uint64_t>((chunks + 255) / 256, uint64_t(sm_count) * 2)));
   if (2 * x >= kMaxDecideBlocks) fail(TQKV_ERROR_INTERNAL, "cuda commit: " + std::to_string(2 * x) + " blocks");
+  TQKV_CUDA_CLEAR_STALE();
   commit_kernel<<<dim3(x, 2), 256, 0, static_cast<cudaStream_t>(stream)>>>(a);
   TQKV_CUDA_LAUNCHED("commit_kernel");
 }
