@@ -282,6 +282,10 @@ TQKV_API tqkv_status tqkv_attend_seq_reference(const tqkv_cache* cache, uint32_t
  * - every call works on the cache's device whatever device is current on the calling thread,
  *   which it leaves as it was; device pointers of another GPU are refused (managed memory is
  *   accepted). At most 65535 sequences per CUDA cache;
+ * - tqkv_attend multiplies V in f16 hi + lo parts: a V row whose root-mean-square coordinate
+ *   exceeds 65504 (possible with f32 scales only) makes the outputs that weigh it NaN;
+ * - a device q_pos out of range (or a ring that wrapped past what a captured call's mask needs)
+ *   gives NaN outputs for that sequence, and nothing is read for it;
  * - several threads may call tqkv_attend on one cache at once: calls that share the cache's own
  *   workspace are queued one after another. A graph captured with that workspace stays valid
  *   when a later call needs a larger one (the old one is kept until the cache is destroyed). */

@@ -197,6 +197,10 @@ __device__ __forceinline__ Slice split_slice(const AttnKernelParams& p, uint32_t
   // A position that is not stored (q_pos out of range, or a ring that wrapped past what the mask
   // needs after the call was captured) poisons the output instead of being silently dropped.
   const bool bad = (p.q_pos && (qp < 0 || qp >= len)) || (hi > lo && lo < resident);
+  // Nothing is read for a poisoned output: a q_pos far past the length (or a ring range longer
+  // than the capacity) would otherwise send the loads past the sequence's rows, into another
+  // head's or out of the buffer.
+  if (bad) hi = lo;
   if (hi < lo) hi = lo;
   const int64_t n = hi - lo;
   const int64_t per = ((n + p.nsplit - 1) / p.nsplit + align - 1) / align * align;

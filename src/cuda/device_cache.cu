@@ -86,7 +86,10 @@ void init_plane(DevPlane& p, const core::Plane& h, size_t rows, uint32_t d) {
   p.scale_f16 = h.scale_f16;
   p.lsq = h.codec.lsq;
   p.data = dev_alloc<uint8_t>(rows * h.stride, "cache rows");
-  p.scales = dev_alloc<uint8_t>(rows * fmt::scale_bytes(h.type, h.scale_f16), "cache scales");
+  // f16 scales get 2 bytes more: the tile kernel reads them as aligned 4-byte words, and with an
+  // odd number of rows the last word runs past the last scale.
+  const size_t sb = fmt::scale_bytes(h.type, h.scale_f16);
+  p.scales = dev_alloc<uint8_t>(rows * sb + (sb == 2 ? 2 : 0), "cache scales");
   if (fmt::is_tq(h.type)) {
     const auto& cb = h.codec.cb;
     p.centroids = dev_alloc<float>(cb.levels, "codebook");
