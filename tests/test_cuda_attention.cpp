@@ -24,7 +24,7 @@
 #include "core/half.h"
 #include "test_util.h"
 #ifdef TQKV_TEST_CUDA
-#include <cuda_runtime.h>
+#include "cuda_test_util.h"
 #endif
 
 using namespace tqkv;
@@ -33,26 +33,7 @@ namespace {
 
 #ifdef TQKV_TEST_CUDA
 
-bool have_gpu() { return tqkv_backend_available(TQKV_BACKEND_CUDA) == 1; }
-
-#define SKIP_WITHOUT_GPU()                                                                   \
-  do {                                                                                       \
-    if (!have_gpu()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU tests skipped"; \
-  } while (0)
-
-#define CU(call) ASSERT_EQ((call), cudaSuccess) << #call << ": " << cudaGetErrorString(cudaGetLastError())
-
-// Device buffer of floats, poisoned with NaN on request.
-struct DevBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit DevBuf(size_t n_bytes) : bytes(n_bytes) {
-    if (bytes && cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
-  }
-  ~DevBuf() { cudaFree(p); }
-  float* f() const { return static_cast<float*>(p); }
-  void poison() const { cudaMemset(p, 0xFF, bytes); }  // 0xFFFFFFFF is a NaN
-};
+using test::DevBuf;
 
 struct Case {
   uint32_t d = 128, hkv = 2, g = 4;

@@ -23,7 +23,7 @@
 
 #include "test_util.h"
 #ifdef TQKV_TEST_CUDA
-#include <cuda_runtime.h>
+#include "cuda_test_util.h"
 #endif
 
 using namespace tqkv;
@@ -32,28 +32,31 @@ namespace {
 
 #ifdef TQKV_TEST_CUDA
 
-bool have_gpu() { return tqkv_backend_available(TQKV_BACKEND_CUDA) == 1; }
+using test::DevBuf;
 
-#define SKIP_WITHOUT_GPU()                                                                   \
-  do {                                                                                       \
-    if (!have_gpu()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU tests skipped"; \
-  } while (0)
-
-#define CU(call) ASSERT_EQ((call), cudaSuccess) << #call << ": " << cudaGetErrorString(cudaGetLastError())
-
-struct DevBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit DevBuf(size_t n_bytes) : bytes(n_bytes) {
-    if (bytes && cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
+// A non-blocking stream the cache runs on for the scope; the cache goes back to the default
+// stream at its end.
+struct CacheStream {
+  Cache& cache;
+  cudaStream_t s = nullptr;
+  explicit CacheStream(Cache& c) : cache(c) {
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess) cache.set_stream(s);
   }
-  ~DevBuf() { cudaFree(p); }
-  float* f() const { return static_cast<float*>(p); }
-  void poison() const { cudaMemset(p, 0xFF, bytes); }  // 0xFFFFFFFF is a NaN
-  std::vector<float> host() const {
-    std::vector<float> v(bytes / 4);
-    cudaMemcpy(v.data(), p, bytes, cudaMemcpyDeviceToHost);
-    return v;
+  ~CacheStream() {
+    tqkv_cache_set_stream(cache.get(), nullptr);
+    cudaStreamDestroy(s);
+  }
+  CacheStream(const CacheStream&) = delete;
+  CacheStream& operator=(const CacheStream&) = delete;
+};
+
+// A graph and its executable, destroyed with the scope.
+struct GraphExec {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~GraphExec() {
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
   }
 };
 
@@ -119,23 +122,18 @@ TEST(CudaRobust, ReadBackDuringCaptureIsRefusedAndTheCaptureSurvives) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(test::fresh_seed());
   Filled f(100, 256, rng);
-  cudaStream_t stream;
-  CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  f.dev.set_stream(stream);
+  CacheStream cs(f.dev);
   std::vector<float> rows(2 * 128);
-  CU(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  GraphExec g;
+  CU(cudaStreamBeginCapture(cs.s, cudaStreamCaptureModeGlobal));
   const tqkv_status st = tqkv_cache_read(f.dev.get(), 0, 0, 0, 1, rows.data());
   const std::string msg = tqkv_last_error();
-  cudaGraph_t graph = nullptr;
-  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  const cudaError_t end = cudaStreamEndCapture(cs.s, &g.graph);
   EXPECT_EQ(st, TQKV_ERROR_UNSUPPORTED);
   EXPECT_NE(msg.find("captured into a CUDA graph"), std::string::npos) << msg;
   EXPECT_EQ(end, cudaSuccess) << cudaGetErrorString(end);
-  if (graph) cudaGraphDestroy(graph);
   // Outside the capture the same read works.
   EXPECT_EQ(tqkv_cache_read(f.dev.get(), 0, 0, 0, 1, rows.data()), TQKV_OK) << tqkv_last_error();
-  f.dev.set_stream(nullptr);
-  cudaStreamDestroy(stream);
 }
 
 // The graph replays into memory the test then owns if the cache freed the old workspace
@@ -144,9 +142,8 @@ TEST(CudaRobust, GrowingTheWorkspaceKeepsCapturedGraphsValid) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(test::fresh_seed());
   Filled f(2000, 4096, rng);
-  cudaStream_t stream;
-  CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  f.dev.set_stream(stream);
+  CacheStream cs(f.dev);
+  const cudaStream_t stream = cs.s;
   const AttnParams p4(4, 1.0f / std::sqrt(128.0f)), p32(32, 1.0f / std::sqrt(128.0f));
   auto q = test::gaussian(4 * 128, rng), q32 = test::gaussian(32 * 128, rng);
   DevBuf dq(q.size() * 4), dout(q.size() * 4), dq32(q32.size() * 4), dout32(q32.size() * 4);
@@ -154,13 +151,12 @@ TEST(CudaRobust, GrowingTheWorkspaceKeepsCapturedGraphsValid) {
   CU(cudaMemcpy(dq32.p, q32.data(), q32.size() * 4, cudaMemcpyHostToDevice));
   ASSERT_EQ(tqkv_attend(f.dev.get(), &p4, dq.f(), dout.f(), nullptr), TQKV_OK) << tqkv_last_error();
   const size_t old_ws = f.dev.workspace_size(p4);
-  cudaGraph_t graph;
+  GraphExec g;
   CU(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   const tqkv_status st = tqkv_attend(f.dev.get(), &p4, dq.f(), dout.f(), nullptr);
-  CU(cudaStreamEndCapture(stream, &graph));
+  CU(cudaStreamEndCapture(stream, &g.graph));
   ASSERT_EQ(st, TQKV_OK) << tqkv_last_error();
-  cudaGraphExec_t exec;
-  CU(cudaGraphInstantiate(&exec, graph, 0));
+  CU(cudaGraphInstantiate(&g.exec, g.graph, 0));
   // More query heads need a larger workspace: the cache grows its own.
   ASSERT_GT(f.dev.workspace_size(p32), old_ws);
   ASSERT_EQ(tqkv_attend(f.dev.get(), &p32, dq32.f(), dout32.f(), nullptr), TQKV_OK) << tqkv_last_error();
@@ -168,15 +164,11 @@ TEST(CudaRobust, GrowingTheWorkspaceKeepsCapturedGraphsValid) {
   DevBuf guard(old_ws);
   guard.poison();
   dout.poison();
-  CU(cudaGraphLaunch(exec, stream));
+  CU(cudaGraphLaunch(g.exec, stream));
   CU(cudaStreamSynchronize(stream));
   for (float x : guard.host()) ASSERT_TRUE(std::isnan(x)) << "the replay wrote into freed workspace";
   EXPECT_LE(test::rel_err(dout.host(), cpu_out(f, p4, q)), 3e-3);
   EXPECT_LE(test::rel_err(dout32.host(), cpu_out(f, p32, q32)), 3e-3);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  f.dev.set_stream(nullptr);
-  cudaStreamDestroy(stream);
 }
 
 // The same for the append staging a captured ring append uses.
@@ -184,23 +176,21 @@ TEST(CudaRobust, GrowingAppendStagingKeepsCapturedGraphsValid) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(test::fresh_seed());
   Filled f(50, 256, rng, /*ring=*/true);
-  cudaStream_t stream;
-  CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  f.dev.set_stream(stream);
+  CacheStream cs(f.dev);
+  const cudaStream_t stream = cs.s;
   auto k = test::gaussian(2 * 128, rng), v = test::gaussian(2 * 128, rng);
   DevBuf dk(k.size() * 4), dv(v.size() * 4);
   CU(cudaMemcpy(dk.p, k.data(), k.size() * 4, cudaMemcpyHostToDevice));
   CU(cudaMemcpy(dv.p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
   f.dev.append_async(0, 1, TQKV_DTYPE_F32, dk.p, dv.p);  // sizes the staging for this shape
   f.dev.sync();
-  cudaGraph_t graph;
+  GraphExec g;
   CU(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   const tqkv_status st = tqkv_cache_append_async(f.dev.get(), 0, 1, TQKV_DTYPE_F32, dk.p, dv.p);
-  CU(cudaStreamEndCapture(stream, &graph));
+  CU(cudaStreamEndCapture(stream, &g.graph));
   ASSERT_EQ(st, TQKV_OK) << tqkv_last_error();
-  cudaGraphExec_t exec;
-  CU(cudaGraphInstantiate(&exec, graph, 0));
-  CU(cudaGraphLaunch(exec, stream));
+  CU(cudaGraphInstantiate(&g.exec, g.graph, 0));
+  CU(cudaGraphLaunch(g.exec, stream));
   f.dev.sync();
   // A large append from host memory grows the staging (to ~20 MB: a block of its own, so the
   // old one is not simply extended in place).
@@ -215,10 +205,10 @@ TEST(CudaRobust, GrowingAppendStagingKeepsCapturedGraphsValid) {
       guards.push_back(std::make_unique<DevBuf>(size_t(256) << i));
       guards.back()->poison();
     }
-  CU(cudaGraphLaunch(exec, stream));
+  CU(cudaGraphLaunch(g.exec, stream));
   CU(cudaStreamSynchronize(stream));
-  for (const auto& g : guards)
-    for (float x : g->host()) ASSERT_TRUE(std::isnan(x)) << "the replay wrote into freed staging";
+  for (const auto& b : guards)
+    for (float x : b->host()) ASSERT_TRUE(std::isnan(x)) << "the replay wrote into freed staging";
   f.dev.sync();
   EXPECT_EQ(f.dev.length(0), 50 + 1 + 1 + 10000 + 1);
   // The replayed token is the ring's newest row.
@@ -230,10 +220,6 @@ TEST(CudaRobust, GrowingAppendStagingKeepsCapturedGraphsValid) {
   f.dev.read(0, 0, f.dev.length(0) - 1, 1, got);
   f.host.read(0, 0, f.host.length(0) - 1, 1, want);
   EXPECT_EQ(got, want);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  f.dev.set_stream(nullptr);
-  cudaStreamDestroy(stream);
 }
 
 TEST(CudaRobust, ThreadsAttendingOnOneCacheGetTheirOwnResults) {
