@@ -166,6 +166,29 @@ TEST(CudaAppend, PrefillMatchesCpuEncoder) {
               (unsigned long long)diff.indices, double(diff.index_mismatch) / double(diff.indices));
 }
 
+// Finite values past ~FLT_MAX / d overflow in the float butterflies (inf - inf = NaN). The CPU
+// encoder stores such a row as a zero row (the index of 0, scale 0); the GPU encoder stored the
+// top level there. Every TQ type and head_dim, one row of 3e38 and one of alternating +-3e38.
+TEST(CudaAppend, RowsWhoseRotationOverflowsStoreWhatTheCpuStores) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(tqkv::test::fresh_seed());
+  for (uint32_t d : {64u, 128u, 256u, 512u})
+    for (tqkv_type t : {TQKV_TYPE_TQ2, TQKV_TYPE_TQ3, TQKV_TYPE_TQ4, TQKV_TYPE_TQ8}) {
+      const tqkv_cache_config cfg = base_config(d, 2, 1, 16, t, t);
+      Handle cpu = make(cfg, TQKV_BACKEND_CPU), gpu = make(cfg, TQKV_BACKEND_CUDA);
+      ASSERT_TRUE(cpu && gpu);
+      auto k = tqkv::test::gaussian(size_t(3) * 2 * d, rng), v = tqkv::test::gaussian(size_t(3) * 2 * d, rng);
+      for (uint32_t i = 0; i < d; ++i) {
+        k[size_t(1) * 2 * d + i] = 3e38f;                          // token 1, kv head 0
+        v[size_t(2) * 2 * d + d + i] = i % 2 ? -3e38f : 3e38f;    // token 2, kv head 1
+      }
+      ASSERT_EQ(tqkv_cache_append(cpu.get(), 0, 3, TQKV_DTYPE_F32, k.data(), v.data()), TQKV_OK) << tqkv_last_error();
+      ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, 3, TQKV_DTYPE_F32, k.data(), v.data()), TQKV_OK) << tqkv_last_error();
+      Handle back = download(gpu.get());
+      EXPECT_TRUE(identical(cpu.get(), back.get())) << "d=" << d << " type " << int(t);
+    }
+}
+
 TEST(CudaAppend, CountsEncodedRows) {
   SKIP_WITHOUT_CUDA();
   auto cfg = base_config(64, 3, 2, 32, TQKV_TYPE_TQ4, TQKV_TYPE_F16);

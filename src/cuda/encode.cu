@@ -260,11 +260,13 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv
   const float magic = 12582912.0f + float(p.lut_off);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    // inv is 0 for a zero row, so u is +-0 there: the index of 0, as on the CPU.
-    const float u = x[j] * inv;
+    // A zero row takes the index of 0, as on the CPU. That includes a row of finite values whose
+    // rotation overflowed (values past ~FLT_MAX / d: inf - inf in the butterflies), whose sum of
+    // squares is NaN: x * 0 would be NaN there, and the table's clamp would pick the top level.
+    const float u = zero ? 0.0f : x[j] * inv;
     // round(u * 2^e) exactly (the fused add rounds to an integer once; a tie may round either
     // way, which the table allows), then the cell's count of lower boundaries and one
-    // comparison: core::quantize's index. The clamp only matters for a non-finite row (reported).
+    // comparison: core::quantize's index. The clamp only matters for a non-finite input (reported).
     const float t = fmaf(u, p.lut_scale, magic);
     const uint32_t cell = min(uint32_t(__float_as_int(t) - 0x4B400000), p.lut_size - 1);
     // Three small loads that hit few distinct words (no bank conflicts); one 16-byte table entry
