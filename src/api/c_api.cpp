@@ -94,11 +94,8 @@ std::unique_ptr<tqkv_cache> host_mirror(const tqkv_cache* c) {
 }
 
 void need_device(const void* p, const char* what, int device) {
-  if (p == nullptr) return;
-  const int where = tqkv::cuda::pointer_device(p);
-  if (where == tqkv::cuda::kHostMemory)
+  if (p != nullptr && tqkv::cuda::locate(p, device, what) == tqkv::cuda::kHostMemory)
     tqkv::invalid(std::string(what) + ": host pointer; a CUDA cache attends on device memory (cudaMalloc)");
-  tqkv::cuda::check_same_device(where, device, what);
 }
 #endif
 
@@ -334,12 +331,8 @@ void attend_cuda(const tqkv_cache* cache, const tqkv_attn_params* params, const 
   // Host-side validation of everything but the values behind device pointers.
   // Device q_pos values are read by the kernel (an out-of-range one gives NaN outputs there).
   // Host sinks are checked there; device ones are read where they are.
-  const int qpos_where = params->q_pos ? tqkv::cuda::pointer_device(params->q_pos) : tqkv::cuda::kHostMemory;
-  const int sinks_where = params->sinks ? tqkv::cuda::pointer_device(params->sinks) : tqkv::cuda::kHostMemory;
-  tqkv::cuda::check_same_device(qpos_where, dev.device(), "q_pos");
-  tqkv::cuda::check_same_device(sinks_where, dev.device(), "sinks");
-  const bool qpos_dev = qpos_where != tqkv::cuda::kHostMemory;
-  const bool sinks_dev = sinks_where != tqkv::cuda::kHostMemory;
+  const bool qpos_dev = tqkv::cuda::locate(params->q_pos, dev.device(), "q_pos") != tqkv::cuda::kHostMemory;
+  const bool sinks_dev = tqkv::cuda::locate(params->sinks, dev.device(), "sinks") != tqkv::cuda::kHostMemory;
   tqkv_attn_params host_view = *params;
   if (qpos_dev) host_view.q_pos = nullptr;
   if (sinks_dev) host_view.sinks = nullptr;

@@ -98,10 +98,7 @@ void DeviceCache::append(core::Cache& meta, const uint32_t* counts, tqkv_dtype d
     fail(TQKV_ERROR_UNSUPPORTED, "append: " + std::to_string(total) + " tokens x " + std::to_string(hkv_) +
                                      " kv heads is too much for one call (2^31 16-byte row pieces); split it");
   // One pointer lookup each (cudaPointerGetAttributes costs about a microsecond).
-  const int k_where = pointer_device(k), v_where = pointer_device(v);
-  check_same_device(k_where, device_, "k");
-  check_same_device(v_where, device_, "v");
-  const bool k_dev = k_where != kHostMemory, v_dev = v_where != kHostMemory;
+  const bool k_dev = locate(k, device_, "k") != kHostMemory, v_dev = locate(v, device_, "v") != kHostMemory;
   bool graph = false;  // captured into a CUDA graph: runs only when the graph is replayed
   if (async) {
     if (!k_dev) invalid("k: host memory; an asynchronous append reads device memory (tqkv_cache_append_batch copies host input)");

@@ -118,6 +118,9 @@ Instance pick(uint32_t kt, uint32_t vt, uint32_t d, uint32_t group, int64_t max_
   return pick_tile(kt, vt, d);
 }
 
+// Most rows one split takes: the kernels count a split's rows in 32 bits.
+constexpr int64_t kMaxSplitRows = int64_t(1) << 30;
+
 uint32_t head_chunks(uint32_t group) { return (group + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
 // Blocks per split: one per (sequence, KV head, chunk of up to 8 query heads).
@@ -139,8 +142,8 @@ uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
 uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads) {
   const Instance tile = pick_tile(cfg.k_type, cfg.v_type, cfg.head_dim);
   const Instance lut = pick_lut(cfg.k_type, cfg.v_type, cfg.head_dim);
-  // splits_for takes at least one split per 2^30 visible rows (the kernels count rows in 32 bits).
-  const uint32_t fewest = uint32_t((uint64_t(cfg.capacity) + (1ull << 30) - 1) >> 30);
+  // splits_for takes at least one split per kMaxSplitRows visible rows.
+  const uint32_t fewest = uint32_t((int64_t(cfg.capacity) + kMaxSplitRows - 1) / kMaxSplitRows);
   return std::max({max_splits(dev, cfg, num_q_heads, tile), lut ? max_splits(dev, cfg, num_q_heads, lut) : 0u, fewest});
 }
 
@@ -315,8 +318,7 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
   const int64_t min_rows = inst ? inst.min_rows_per_split : kMinRowsPerSplit;
   auto by_len = [&](int64_t rows) { return std::max<int64_t>(1, (max_visible + rows - 1) / rows); };
   int64_t n = by_len(min_rows);
-  // The kernels count a split's rows in 32 bits.
-  const int64_t fewest = by_len(int64_t(1) << 30);
+  const int64_t fewest = by_len(kMaxSplitRows);
   // A short context whose blocks would not reach half the SMs takes half-size splits: at
   // S = 1024, batch 1, Hkv = 8 on the H100 that is 7.2 instead of 8.1 us; where the blocks
   // already cover half the SMs (S = 2048, or batch 8) halving was slower (docs/cuda-kernel-notes.md).

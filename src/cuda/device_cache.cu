@@ -34,10 +34,13 @@ int pointer_device(const void* p) {
   return a.type == cudaMemoryTypeDevice ? a.device : kHostMemory;
 }
 
-void check_same_device(int where, int device, const char* what) {
+int locate(const void* p, int device, const char* what) {
+  if (p == nullptr) return kHostMemory;
+  const int where = pointer_device(p);
   if (where >= 0 && where != device)
     invalid(std::string(what) + ": device memory of GPU " + std::to_string(where) + ", but the cache lives on GPU " +
             std::to_string(device) + "; pass memory of GPU " + std::to_string(device) + " (or managed memory)");
+  return where;
 }
 
 DeviceScope::DeviceScope(int device) {

@@ -20,10 +20,10 @@ constexpr int kHostMemory = -2, kManaged = -1;
 int pointer_device(const void* p);
 // Whether p points to device (or managed) memory.
 inline bool on_device(const void* p) { return pointer_device(p) != kHostMemory; }
-// Throws INVALID_ARGUMENT naming `what` when `where` (pointer_device's answer) is device memory of
-// a device other than `device`: a kernel there would fault without peer access. Managed memory
-// is accepted anywhere.
-void check_same_device(int where, int device, const char* what);
+// pointer_device(p) for a pointer the cache on `device` is given (NULL: kHostMemory). Throws
+// INVALID_ARGUMENT naming `what` when it is device memory of another device: a kernel there would
+// fault without peer access. Managed memory is accepted anywhere.
+int locate(const void* p, int device, const char* what);
 
 // Makes `device` the calling thread's current device until the scope ends (CUDA's runtime calls
 // act on the current device: a cache made on GPU 1 must not allocate or launch on GPU 0 because
