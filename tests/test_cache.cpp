@@ -4,11 +4,15 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
+#include <span>
+#include <string>
 
 #include "api/handle.h"
 #include "core/half.h"
+#include "core/rotation.h"
 #include "test_util.h"
 
 using namespace tqkv;
@@ -221,6 +225,60 @@ TEST(Cache, InvalidAppendsLeaveTheCacheUnchanged) {
     EXPECT_EQ(c.length(0), 11);
     EXPECT_EQ(c.length(1), 4);
   }
+}
+
+// Finite values can overflow the float butterflies of the rotation (the unnormalized transform
+// reaches sqrt(d) times the norm). Such a row is refused by name, not stored as a zero row; a row
+// just inside the bound is stored and reads back finite.
+TEST(Cache, RowsWhoseRotationOverflowsAreRefusedByName) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const uint32_t hkv = 2;
+  const float fmax = std::numeric_limits<float>::max();
+  for (uint32_t d : {64u, 128u, 256u, 512u})
+    for (Type t : {Type::tq2, Type::tq3, Type::tq4, Type::tq8, Type::q8_0_had}) {
+      Cache c(config(d, hkv, 16, t, t));
+      auto k = test::gaussian(4 * hkv * d, rng), v = test::gaussian(4 * hkv * d, rng);
+      c.append(0, std::span<const float>(k).first(hkv * d), std::span<const float>(v).first(hkv * d));
+      const auto before = snapshot(c);
+      // Rows c times the rotation's signs: the norm c sqrt(d) stays below FLT_MAX, but the first
+      // coordinate of the unnormalized transform is c d > FLT_MAX (inf, or NaN where the last
+      // butterflies take inf - inf: the row that was stored as zero before). Such rows at token
+      // 1 head 1 and token 2 head 0 of K (the lower one is named) and at token 3 head 0 of V.
+      const std::vector<float> sg = core::rotation_signs(c.config().seed, d);
+      const float over = fmax / float(d) * 2.0f;
+      for (uint32_t i = 0; i < d; ++i) {
+        k[(1 * hkv + 1) * d + i] = sg[i] * over * 2.0f;  // the last butterflies: inf - inf
+        k[(2 * hkv + 0) * d + i] = -sg[i] * over;
+        v[(3 * hkv + 0) * d + i] = -sg[i] * over;
+      }
+      try {
+        c.append(0, k, v);
+        ADD_FAILURE() << "d " << d << " type " << int(t) << ": an overflowing row was stored";
+      } catch (const Error& e) {
+        const std::string m = e.what();
+        EXPECT_EQ(e.status(), TQKV_ERROR_NON_FINITE) << m;
+        for (const char* needle : {"k: row overflows f32 in the rotation", "FLT_MAX / sqrt(head_dim)",
+                                   "at token 1, kv head 1 of sequence 0", "nothing was appended"})
+          EXPECT_NE(m.find(needle), std::string::npos) << "missing '" << needle << "' in: " << m;
+      }
+      EXPECT_EQ(snapshot(c), before) << "d " << d << " type " << int(t);
+      // V alone: named as V.
+      auto k_ok = test::gaussian(4 * hkv * d, rng);
+      for (const char* needle : {"v: row overflows f32 in the rotation", "at token 3, kv head 0 of sequence 0"})
+        expect_status(TQKV_ERROR_NON_FINITE, needle, [&] { c.append(0, k_ok, v); });
+      EXPECT_EQ(snapshot(c), before);
+      // The same rows at 0.4 FLT_MAX / d: no partial sum of the transform passes 0.4 FLT_MAX.
+      if (t == Type::q8_0_had) continue;  // its f16 block scales hold far less
+      std::vector<float> big(hkv * d), small = test::gaussian(hkv * d, rng);
+      for (uint32_t i = 0; i < hkv * d; ++i) big[i] = sg[i % d] * over * 0.2f;
+      c.append(1, big, small);
+      std::vector<float> back(hkv * d);
+      c.read(1, 0, 0, 1, back);
+      for (uint32_t i = 0; i < hkv * d; ++i) {
+        ASSERT_TRUE(std::isfinite(back[i])) << "d " << d << " type " << int(t) << " coordinate " << i;
+        ASSERT_NE(back[i], 0.0f) << "a row inside the bound was stored as zero";
+      }
+    }
 }
 
 TEST(Cache, QueriesOnBadArgumentsFailCleanly) {

@@ -20,6 +20,7 @@
 #include "core/codec_ref.h"
 #include "core/format.h"
 #include "core/half.h"
+#include "core/rotation.h"
 #include "cuda_append_util.h"
 #include "test_util.h"
 #include "tqkv/tqkv.h"
@@ -166,29 +167,6 @@ TEST(CudaAppend, PrefillMatchesCpuEncoder) {
               (unsigned long long)diff.indices, double(diff.index_mismatch) / double(diff.indices));
 }
 
-// Finite values past ~FLT_MAX / d overflow in the float butterflies (inf - inf = NaN). The CPU
-// encoder stores such a row as a zero row (the index of 0, scale 0); the GPU encoder stored the
-// top level there. Every TQ type and head_dim, one row of 3e38 and one of alternating +-3e38.
-TEST(CudaAppend, RowsWhoseRotationOverflowsStoreWhatTheCpuStores) {
-  SKIP_WITHOUT_CUDA();
-  std::mt19937_64 rng(tqkv::test::fresh_seed());
-  for (uint32_t d : {64u, 128u, 256u, 512u})
-    for (tqkv_type t : {TQKV_TYPE_TQ2, TQKV_TYPE_TQ3, TQKV_TYPE_TQ4, TQKV_TYPE_TQ8}) {
-      const tqkv_cache_config cfg = base_config(d, 2, 1, 16, t, t);
-      Handle cpu = make(cfg, TQKV_BACKEND_CPU), gpu = make(cfg, TQKV_BACKEND_CUDA);
-      ASSERT_TRUE(cpu && gpu);
-      auto k = tqkv::test::gaussian(size_t(3) * 2 * d, rng), v = tqkv::test::gaussian(size_t(3) * 2 * d, rng);
-      for (uint32_t i = 0; i < d; ++i) {
-        k[size_t(1) * 2 * d + i] = 3e38f;                          // token 1, kv head 0
-        v[size_t(2) * 2 * d + d + i] = i % 2 ? -3e38f : 3e38f;    // token 2, kv head 1
-      }
-      ASSERT_EQ(tqkv_cache_append(cpu.get(), 0, 3, TQKV_DTYPE_F32, k.data(), v.data()), TQKV_OK) << tqkv_last_error();
-      ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, 3, TQKV_DTYPE_F32, k.data(), v.data()), TQKV_OK) << tqkv_last_error();
-      Handle back = download(gpu.get());
-      EXPECT_TRUE(identical(cpu.get(), back.get())) << "d=" << d << " type " << int(t);
-    }
-}
-
 TEST(CudaAppend, CountsEncodedRows) {
   SKIP_WITHOUT_CUDA();
   auto cfg = base_config(64, 3, 2, 32, TQKV_TYPE_TQ4, TQKV_TYPE_F16);
@@ -219,6 +197,59 @@ void expect_rejected(tqkv_cache* gpu, const std::vector<uint32_t>& counts, tqkv_
   for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "missing '" << n << "' in: " << msg;
   Handle after = download(gpu);
   EXPECT_TRUE(identical(before.get(), after.get())) << "a failed append changed the cache";
+}
+
+// Finite values can overflow the float butterflies of the rotation (the unnormalized transform
+// reaches sqrt(d) times the norm: inf, or inf - inf = NaN). Both encoders refuse such a row by
+// name and leave the cache as it was (before, both stored it as a zero row); a row inside the
+// bound is stored with the CPU's bytes. Every TQ type and head_dim, in K and in V.
+TEST(CudaAppend, RowsWhoseRotationOverflowsAreRefusedAsOnTheCpu) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(tqkv::test::fresh_seed());
+  const float fmax = std::numeric_limits<float>::max();
+  const uint32_t hkv = 2;
+  for (uint32_t d : {64u, 128u, 256u, 512u})
+    for (tqkv_type t : {TQKV_TYPE_TQ2, TQKV_TYPE_TQ3, TQKV_TYPE_TQ4, TQKV_TYPE_TQ8}) {
+      SCOPED_TRACE("d " + std::to_string(d) + " type " + std::to_string(int(t)));
+      const tqkv_cache_config cfg = base_config(d, hkv, 1, 16, t, t);
+      Handle cpu = make(cfg, TQKV_BACKEND_CPU), gpu = make(cfg, TQKV_BACKEND_CUDA);
+      ASSERT_TRUE(cpu && gpu);
+      auto k = tqkv::test::gaussian(size_t(3) * hkv * d, rng), v = tqkv::test::gaussian(size_t(3) * hkv * d, rng);
+      ASSERT_EQ(tqkv_cache_append(cpu.get(), 0, 1, TQKV_DTYPE_F32, k.data(), v.data()), TQKV_OK);
+      ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, 1, TQKV_DTYPE_F32, k.data(), v.data()), TQKV_OK);
+      // Rows c times the rotation's signs, c = 2 or 4 FLT_MAX / d: the norm c sqrt(d) is finite,
+      // but the transform's first coordinate would be c d (inf, or NaN where the last butterflies
+      // take inf - inf). K: token 1 head 1 and token 2 head 0 (the first is named); V: token 2
+      // head 0.
+      const std::vector<float> sg = tqkv::core::rotation_signs(cfg.seed, d);
+      const float over = fmax / float(d) * 2.0f;
+      auto kb = k, vb = v;
+      for (uint32_t i = 0; i < d; ++i) {
+        kb[(1 * hkv + 1) * d + i] = sg[i] * over * 2.0f;  // the last butterflies: inf - inf
+        kb[(2 * hkv + 0) * d + i] = -sg[i] * over;
+        vb[(2 * hkv + 0) * d + i] = -sg[i] * over;
+      }
+      EXPECT_EQ(tqkv_cache_append(cpu.get(), 0, 3, TQKV_DTYPE_F32, kb.data(), v.data()), TQKV_ERROR_NON_FINITE);
+      EXPECT_NE(std::string(tqkv_last_error()).find("k: row overflows f32 in the rotation"), std::string::npos)
+          << tqkv_last_error();
+      expect_rejected(gpu.get(), {3}, TQKV_DTYPE_F32, kb.data(), v.data(), TQKV_ERROR_NON_FINITE,
+                      {"k: row of token 1, kv head 1 of sequence 0 overflows f32 in the rotation",
+                       "FLT_MAX / sqrt(head_dim)", "nothing was appended"});
+      expect_rejected(gpu.get(), {3}, TQKV_DTYPE_F32, k.data(), vb.data(), TQKV_ERROR_NON_FINITE,
+                      {"v: row of token 2, kv head 0 of sequence 0 overflows f32 in the rotation"});
+      // The same rows at 0.4 FLT_MAX / d: no partial sum of the transform passes 0.4 FLT_MAX.
+      for (uint32_t i = 0; i < d; ++i) {
+        kb[(1 * hkv + 1) * d + i] = sg[i] * over * 0.2f;
+        kb[(2 * hkv + 0) * d + i] = k[(2 * hkv + 0) * d + i];
+        vb[(2 * hkv + 0) * d + i] = -sg[i] * over * 0.2f;
+      }
+      ASSERT_EQ(tqkv_cache_append(cpu.get(), 0, 2, TQKV_DTYPE_F32, kb.data() + hkv * d, vb.data() + hkv * d), TQKV_OK)
+          << tqkv_last_error();
+      ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, 2, TQKV_DTYPE_F32, kb.data() + hkv * d, vb.data() + hkv * d), TQKV_OK)
+          << tqkv_last_error();
+      Handle back = download(gpu.get());
+      EXPECT_TRUE(identical(cpu.get(), back.get()));
+    }
 }
 
 TEST(CudaAppend, NonFiniteAndOverflowLeaveTheCacheUnchanged) {

@@ -229,10 +229,16 @@ Cache::Encoded Cache::encode(uint32_t n, tqkv_dtype dtype, const void* k, const 
     }
     *out_rows[w] = aligned_bytes(rows * p.stride);
     *out_scales[w] = aligned_bytes(rows * fmt::scale_bytes(p.type, p.scale_f16));
+    size_t bad = rows;
     try {
-      cpu::encode_rows(p.codec, buf.data(), rows, out_rows[w]->get(), out_scales[w]->get());
+      cpu::encode_rows(p.codec, buf.data(), rows, out_rows[w]->get(), out_scales[w]->get(), &bad);
     } catch (const Error& err) {
-      fail(err.status(), std::string(names[w]) + ": " + err.what() + "; nothing was appended");
+      // Rows are [token][kv head]; the CUDA backend names the same place.
+      const std::string at = bad < rows ? " at token " + std::to_string(bad / cfg_.num_kv_heads) + ", kv head " +
+                                              std::to_string(bad % cfg_.num_kv_heads) + " of sequence " +
+                                              std::to_string(seq)
+                                        : "";
+      fail(err.status(), std::string(names[w]) + ": " + err.what() + at + "; nothing was appended");
     }
   }
   return e;

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -67,6 +69,13 @@ float block_value(const uint8_t* row, uint32_t type, uint32_t i) {
   return float(int((j < 16 ? q : q >> 4) & 15) - 8) * scale;
 }
 
+std::string rotation_overflow_message(uint32_t d) {
+  char bound[32];
+  std::snprintf(bound, sizeof bound, "%.2g", double(std::numeric_limits<float>::max()) / std::sqrt(double(d)));
+  return "overflows f32 in the rotation (its values are too large; a row whose norm is below FLT_MAX / "
+         "sqrt(head_dim), " + std::string(bound) + " here, always fits)";
+}
+
 float encode_row(const CodecParams& p, const float* x, uint8_t* row) {
   const uint32_t d = p.d;
   std::memset(row, 0, fmt::row_stride(p.type, d));
@@ -86,7 +95,13 @@ float encode_row(const CodecParams& p, const float* x, uint8_t* row) {
   }
   // Rotate in float with the butterfly order of rotation.cpp, so that other encoders can match.
   std::vector<float> y(d);
-  if (fmt::is_rotated(p.type)) rotate(p.signs, x, y.data(), d);
+  if (fmt::is_rotated(p.type)) {
+    rotate(p.signs, x, y.data(), d);
+    // Finite values past ~FLT_MAX / sqrt(d) can overflow the float butterflies (inf, or inf - inf
+    // = NaN). Such a row cannot be stored as given; saying so beats storing a zero row.
+    for (uint32_t i = 0; i < d; ++i)
+      if (!std::isfinite(y[i])) fail(TQKV_ERROR_NON_FINITE, "row " + rotation_overflow_message(d));
+  }
   if (fmt::is_block(p.type)) {
     encode_blocks(p.type, fmt::is_rotated(p.type) ? y.data() : x, d, row);
     return 0;

@@ -28,9 +28,11 @@ void to_f32(tqkv_dtype dtype, const void* src, size_t n, float* dst) {
   invalid("dtype: " + std::to_string(int(dtype)) + " is not an input type; allowed: 0 (f32), 1 (f16), 2 (bf16)");
 }
 
-void encode_rows(const core::CodecParams& p, const float* x, size_t n_rows, uint8_t* rows, void* scales) {
+void encode_rows(const core::CodecParams& p, const float* x, size_t n_rows, uint8_t* rows, void* scales,
+                 size_t* failed_row) {
   const size_t stride = fmt::row_stride(p.type, p.d);
   std::exception_ptr first_error;
+  size_t first_row = n_rows;
   std::mutex mu;
   const long long n = static_cast<long long>(n_rows);
   // Small appends (decode: one token) stay on the calling thread; threads cost more than they save.
@@ -40,11 +42,18 @@ void encode_rows(const core::CodecParams& p, const float* x, size_t n_rows, uint
       const float s = core::encode_row(p, x + size_t(r) * p.d, rows + size_t(r) * stride);
       if (fmt::is_tq(p.type)) core::store_scale(scales, size_t(r), s, p.scale_f16);
     } catch (...) {
+      // The lowest failing row, whatever the threads' order: the same input names the same row.
       std::lock_guard<std::mutex> lock(mu);
-      if (!first_error) first_error = std::current_exception();
+      if (size_t(r) < first_row) {
+        first_row = size_t(r);
+        first_error = std::current_exception();
+      }
     }
   }
-  if (first_error) std::rethrow_exception(first_error);
+  if (first_error) {
+    if (failed_row) *failed_row = first_row;
+    std::rethrow_exception(first_error);
+  }
 }
 
 }  // namespace tqkv::cpu

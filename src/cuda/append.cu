@@ -47,7 +47,7 @@ tqkv_status status_of(const enc::State& st) {
 
 // The message of a failed append. value: the offending input value when the caller still has
 // the input (a synchronous append), else NaN and left out; tail: what happened to the cache.
-std::string describe(const enc::State& st, bool has_value, float value, const std::string& tail) {
+std::string describe(const enc::State& st, uint32_t d, bool has_value, float value, const std::string& tail) {
   const std::string name = st.w == 0 ? "k" : "v";
   const std::string tok = std::to_string(st.token), head = std::to_string(st.head),
                     seq = std::to_string(st.seq);
@@ -61,6 +61,7 @@ std::string describe(const enc::State& st, bool has_value, float value, const st
       return name + ": value" + val + at + " overflows the f16 cache (largest finite f16 is 65504)" + tail;
     case enc::kScaleF16:
       return name + ": row scale" + row + " overflows the f16 scale type (largest 65504); use f32 scales" + tail;
+    case enc::kRotation: return name + ": row" + row + " " + core::rotation_overflow_message(d) + tail;
     case enc::kCapacity:
       return "append: token " + tok + " of sequence " + seq + " would be position " + std::to_string(st.flat) +
              ", past the capacity (linear layout)" + tail;
@@ -375,7 +376,7 @@ void DeviceCache::check_no_failure() const {
   TQKV_CUDA_CHECK(cudaMemcpy(&rec, state_, sizeof rec, cudaMemcpyDeviceToHost));
   if (rec.failed != 0)
     fail(status_of(rec),
-         describe(rec, false, 0.0f, "; an asynchronous append failed there and no tqkv_cache_sync has reported it "
+         describe(rec, d_, false, 0.0f, "; an asynchronous append failed there and no tqkv_cache_sync has reported it "
                                     "yet: call it, which also brings the cache back to what it held before"));
 }
 
@@ -429,13 +430,13 @@ void DeviceCache::sync_impl(core::Cache& meta, const SyncContext* ctx) {
   if (ctx && ctx->serial == rec.failed) {
     const bool has_value = rec.kind <= enc::kDenseOverflow;
     const float x = has_value ? input_value(rec.w == 0 ? ctx->k : ctx->v, ctx->dtype, rec.flat) : 0.0f;
-    fail(code, describe(rec, has_value, x, "; nothing was appended"));
+    fail(code, describe(rec, d_, has_value, x, "; nothing was appended"));
   }
   const std::string which = rec.failed == kGraphSerial
                                 ? ", in an append replayed from a CUDA graph"
                                 : ", in asynchronous append " + std::to_string(failed_at) + " of the " +
                                       std::to_string(made) + " made since the last sync";
-  fail(code, describe(rec, false, 0.0f,
+  fail(code, describe(rec, d_, false, 0.0f,
                       which + "; it and the " + std::to_string(rec.dropped) +
                           " after it were not applied, so the cache holds what it held before it"));
 }

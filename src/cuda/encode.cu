@@ -177,8 +177,8 @@ __device__ __forceinline__ void store_bytes(uint8_t* dst, const uint32_t* w) {
 }
 
 // Re-reads a row whose sum of squares is not finite and reports its first non-finite input
-// value (there may be none: finite values can overflow the rotation, which the scale checks
-// then treat exactly as the CPU encoder does).
+// value (there may be none: finite values can overflow the rotation, which the caller reports
+// as kRotation, a kind that a non-finite input outranks).
 template <int DT, int V>
 __device__ void report_non_finite(const EncodeArgs& a, int w, uint64_t r, int gl, int d) {
   float x[V];
@@ -246,9 +246,14 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv
 #pragma unroll
   for (int m = 1; m < LANES; m *= 2) n2 += __shfl_xor_sync(kFull, n2, m);
   if (__any_sync(kFull, valid && !isfinite(n2)))
-    if (valid && !isfinite(n2)) report_non_finite<DT, V>(a, w, r, gl, D);
+    if (valid && !isfinite(n2)) {
+      report_non_finite<DT, V>(a, w, r, gl, D);
+      if (gl == 0) post(a.fin.state->flags + w, kRotation, r * D);
+    }
   const double norm = sqrt(n2);
-  const bool zero = !(norm >= core::kMinNorm);
+  // A row that failed above is encoded as a zero row (the append is refused anyway), so that its
+  // NaN scale posts no second error that would outrank kRotation.
+  const bool zero = !(norm >= core::kMinNorm && norm < double(INFINITY));
   const float inv = zero ? 0.0f : static_cast<float>(a.sqrt_d / norm);
   // Quantize, accumulate <y,c> and <c,c>, and pack, in one pass over the lane's values.
   constexpr int kPerWord = BITS == 3 ? 32 : 32 / BITS, kWords = BITS == 3 ? 3 : (V + kPerWord - 1) / kPerWord;
@@ -260,9 +265,8 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv
   const float magic = 12582912.0f + float(p.lut_off);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    // A zero row takes the index of 0, as on the CPU. That includes a row of finite values whose
-    // rotation overflowed (values past ~FLT_MAX / d: inf - inf in the butterflies), whose sum of
-    // squares is NaN: x * 0 would be NaN there, and the table's clamp would pick the top level.
+    // A zero row takes the index of 0, as on the CPU. That includes a refused row whose rotation
+    // overflowed (its sum of squares is inf or NaN): x * 0 would be NaN there.
     const float u = zero ? 0.0f : x[j] * inv;
     // round(u * 2^e) exactly (the fused add rounds to an integer once; a tie may round either
     // way, which the table allows), then the cell's count of lower boundaries and one

@@ -23,7 +23,15 @@ namespace tqkv::cuda::enc {
 // non-finite input wins over overflows and, within a kind, the first position wins.
 constexpr unsigned long long kNoError = ~0ull;
 constexpr int kKindShift = 60;
-enum ErrorKind : unsigned { kNonFinite = 0, kDenseOverflow = 1, kScaleF16 = 2, kScaleF32 = 3, kCapacity = 4 };
+// kRotation: a row of finite values whose rotation overflows f32 (core::rotation_overflow_message).
+enum ErrorKind : unsigned {
+  kNonFinite = 0,
+  kDenseOverflow = 1,
+  kScaleF16 = 2,
+  kScaleF32 = 3,
+  kCapacity = 4,
+  kRotation = 5
+};
 constexpr uint32_t kMeanChunk = 256;  // tokens summed sequentially per key-mean partial
 // Appends over at most this many sequences carry their tables in the kernel parameters (no copy
 // on the stream, nothing the host must keep alive); larger ones upload them.
