@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/format.h"
@@ -54,6 +55,7 @@ struct Instance {
   // D = 64 one block per SM was slower (S = 8192: 8.7 against 9.8); docs/cuda-kernel-notes.md,
   // step 29.
   int64_t one_block_max_rows = 0;
+  bool one_table = false;  // reads V's centroid pairs from K's table (the table-lookup kernel)
   explicit operator bool() const { return launch != nullptr; }
 };
 
@@ -84,10 +86,11 @@ Instance pick_tile(uint32_t kt, uint32_t vt, uint32_t d) {
 Instance pick_lut(uint32_t kt, uint32_t vt, uint32_t d) {
   if (kt != fmt::TQ4 || vt != fmt::TQ4) return {};
   switch (d) {
-    case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit, true};
-    case 128: return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit, true, 4 * lut::kMinRowsPerSplit};
-    case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit, true};
-    case 512: return {lut::launch<512>, lut::blocks_per_sm<512>, lut::kMinRowsPerSplit, true};
+    case 64: return {lut::launch<64>, lut::blocks_per_sm<64>, lut::kMinRowsPerSplit, true, 0, true};
+    case 128:
+      return {lut::launch<128>, lut::blocks_per_sm<128>, lut::kMinRowsPerSplit, true, 4 * lut::kMinRowsPerSplit, true};
+    case 256: return {lut::launch<256>, lut::blocks_per_sm<256>, lut::kMinRowsPerSplit, true, 0, true};
+    case 512: return {lut::launch<512>, lut::blocks_per_sm<512>, lut::kMinRowsPerSplit, true, 0, true};
     default: return {};
   }
 }
@@ -103,8 +106,17 @@ int forced_kernel() {  // 0: by length, 1: tile, 2: lut
   return forced;
 }
 
+// TQKV_CUDA_PREFETCH=0 turns the lut kernel's L2 hints off (A/B measurements).
+bool prefetch_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("TQKV_CUDA_PREFETCH");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 // Visible rows from which the table-lookup kernel is used when a block holds more than 4 query
-// heads: below it, building its 64 KB of tables per block outweighed its faster rows (H100,
+// heads: below it, building its 64 KB table region per block outweighed its faster rows (H100,
 // before the packed variant and its programmatic launch: S = 4096 took 11.1 us on the tile
 // kernel, 13.3 on this one). With at most 4 heads (the packed variant) the table-lookup kernel
 // is faster at every length measured, S = 1024 included (docs/cuda-kernel-notes.md, step 24).
@@ -362,6 +374,9 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
             "num_q_heads < 2^31");
   const Instance inst = pick(cfg.k_type, cfg.v_type, cfg.head_dim, group, max_visible);
   if (!inst) fail(TQKV_ERROR_UNSUPPORTED, "k_type/v_type: this pair is not compiled into the CUDA backend");
+  // One codebook per cache makes the two planes' tables equal; this guards that assumption.
+  if (inst.one_table && std::memcmp(&dev.plane(0).tab, &dev.plane(1).tab, sizeof(HalfBytes)) != 0)
+    fail(TQKV_ERROR_INTERNAL, "CUDA attention: the table-lookup kernel needs one codebook for K and V");
   const uint32_t ns = splits_for(dev, cfg, call.num_q_heads, max_visible, inst);
   auto stream = static_cast<cudaStream_t>(dev.stream());
   AttnKernelParams p{};
@@ -404,6 +419,7 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   // say), and the combine's launch the end of the attention. The tile kernel is launched plainly:
   // as a dependent it was slower (H100: B8 S1024 13.8 -> 14.9 us, B1 S4096 9.9 -> 11.0).
   const bool pdl = dev.cc_major() >= 9;
+  p.prefetch = pdl && inst.pdl && prefetch_enabled();
   inst.launch(p, grid, stream, pdl && inst.pdl);
   const uint32_t rows = cfg.num_seqs * call.num_q_heads;
   const int rot = fmt::is_tq(v.type) ? 1 : 0;

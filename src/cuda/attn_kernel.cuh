@@ -48,6 +48,7 @@ struct AttnKernelParams {
   float* part_ml;            // [B][Hq][nsplit][2]: running max (log2 units) and sum
   uint32_t hkv, group, num_q_heads, capacity, nsplit, head_chunks;
   int ring, mask;
+  int prefetch;  // lut kernel launched as a programmatic dependent: L2 hints before the wait
   uint32_t window;
   float scale, softcap;
   int k_scale_f16, v_scale_f16, centered;
@@ -184,9 +185,17 @@ struct Slice {
   int64_t lo, hi;
   bool bad;  // a position the mask needs is not stored: the output is poisoned (NaN)
 };
+// GUESS: read the length and q_pos with relaxed loads, before griddepcontrol.wait, while the
+// previous kernel on the stream (an append) may still change them: for prefetch hints only.
+__device__ __forceinline__ int64_t ld_relaxed(const int64_t* a) {
+  int64_t v;
+  asm volatile("ld.relaxed.gpu.global.s64 %0, [%1];" : "=l"(v) : "l"(a));
+  return v;
+}
+template <bool GUESS = false>
 __device__ __forceinline__ Slice split_slice(const AttnKernelParams& p, uint32_t b, uint32_t split, int align) {
-  const int64_t len = p.lengths[b];
-  const int64_t qp = p.q_pos ? p.q_pos[b] : len - 1;
+  const int64_t len = GUESS ? ld_relaxed(p.lengths + b) : p.lengths[b];
+  const int64_t qp = p.q_pos ? (GUESS ? ld_relaxed(p.q_pos + b) : p.q_pos[b]) : len - 1;
   int64_t lo = 0, hi = len;
   if (p.mask == TQKV_MASK_CAUSAL) hi = qp + 1;
   if (p.mask == TQKV_MASK_WINDOW) {

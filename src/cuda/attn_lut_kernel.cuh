@@ -34,9 +34,11 @@ namespace lut {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;                       // rows per warp step (the mma's m)
-// The K and V pair tables: entry e for lane l at byte e*256 + 4l (K) and e*256 + 128 + 4l (V),
-// so a single byte permute forms a lookup's whole address (lane offset in the low byte, the
-// stored byte above it) and every lane reads its own bank.
+// The pair table: entry e for lane l at byte e*256 + 4l, so a single byte permute forms a
+// lookup's whole address (lane offset in the low byte, the stored byte above it) and every lane
+// reads its own bank. K and V share it: both planes of a cache quantize with one codebook (same
+// bits, head_dim and codebook choice), which the host checks (Instance::one_table). Bytes
+// 128-255 of each entry's 256 are unused: the permute's address wants the 256-byte stride.
 constexpr int kTableBytes = 256 * 256;
 constexpr int kMinRowsPerSplit = kWarps * kRows;  // every group (every warp at D <= 128) gets a chunk
 constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PACK applies
@@ -183,22 +185,55 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const uint32_t h0 = hkv_idx * p.group + hchunk * kHeadsPerBlock;
   const int nh = min(int(p.group - hchunk * kHeadsPerBlock), kHeadsPerBlock);
 
-  // The tables: thread e makes entry e of both and writes its 16 replicas (rotated by e so the
-  // stores of a warp spread over the banks). They come from the kernel parameters only, so they
-  // are built before griddepcontrol.wait, while the previous kernel on the stream may still run.
-  // Built here: copying 64 KB per block from L2 was no faster (docs/cuda-kernel-notes.md, step 17).
+  // The table: thread e makes entry e and writes its 32 replicas, 16 bytes at a time (rotated by
+  // e so the stores of a warp spread over the banks). It comes from the kernel parameters only,
+  // so it is built before griddepcontrol.wait, while the previous kernel on the stream may still
+  // run. Built here: copying it from L2 was no faster (docs/cuda-kernel-notes.md, step 17).
   static_assert(kThreads == 256, "one thread per table entry");
   {
-    uint32_t kpair, vpair, unused;
-    lookup4_16(p.k_tab, uint32_t(tid), kpair, unused);
-    lookup4_16(p.v_tab, uint32_t(tid), vpair, unused);
+    uint32_t pair, unused;
+    lookup4_16(p.k_tab, uint32_t(tid), pair, unused);
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int part = (j + tid) & 15;  // uint4 `part` of the entry's 256 bytes: K below 8, V from 8
-      const uint32_t v = part < 8 ? kpair : vpair;
-      reinterpret_cast<uint4*>(smem)[tid * 16 + part] = make_uint4(v, v, v, v);
+    for (int j = 0; j < 8; ++j) {
+      const int part = (j + tid) & 7;  // uint4 `part` of the entry's first 128 bytes
+      reinterpret_cast<uint4*>(smem)[tid * 16 + part] = make_uint4(pair, pair, pair, pair);
     }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // While the previous kernel on the stream ends, ask L2 for the first two chunks this group will
+  // read (its K and V rows and their scales). That kernel (an append, a reset) may still change
+  // the length, so the rows are a guess: a wrong one costs L2 traffic, never a wrong result.
+  // Wide heads only: at D = 256 and 512 it took 0.3-1.2 us off a call (H100); at D = 128 the
+  // same code, even switched off, made the kernel ~1 us slower at S = 131072 (kernel notes,
+  // step 63).
+  if constexpr (D >= 256) {
+    if (slice == 0 && p.prefetch) {
+      const Slice g = split_slice<true>(p, b, split, kRows);
+      const int64_t base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
+      constexpr int kLines = D / 16;  // 128-byte lines of a chunk's 16 rows of D/2 bytes
+      for (int c = 0; c < 2; ++c) {
+        const int64_t rel = int64_t(grp + c * G) * kRows;
+        if (g.lo + rel >= g.hi) break;
+        const int64_t s0 = p.ring ? (g.lo + rel) % int64_t(p.capacity) : g.lo + rel;
+        if (s0 + kRows > int64_t(p.capacity)) break;  // wraps, or not stored: no hint
+        const uint8_t* kc = p.k_data + (base + s0) * (D / 2);
+        const uint8_t* vc = p.v_data + (base + s0) * (D / 2);
+        for (int i = lane; i < kLines; i += 32) {
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + 128 * i));
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + 128 * i));
+        }
+        constexpr int kss = SF16 ? 2 : 4;
+        if (lane < 2) {  // the scales of rows s0 and s0 + 15 (at most two lines)
+          const int64_t at = (base + s0 + 15 * lane) * kss;
+          const uint8_t* ks = static_cast<const uint8_t*>(p.k_scales) + at;
+          const uint8_t* vs = static_cast<const uint8_t*>(p.v_scales) + at;
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(ks));
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(vs));
+        }
+      }
+    }
+  }
+#endif
   grid_dependency_wait();
 
   // ---- this split's slice of the visible positions (16-row multiples) ----
@@ -306,10 +341,9 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   constexpr uint32_t kXWarp = Lay::kXWarp, kXHalf = kWarps * kXWarp;
   uint32_t xw = uint32_t(__cvta_generic_to_shared(smem + Lay::kRegion + Lay::kQ)) + uint32_t(warp * 32 + lane) * 16;
   uint32_t xflip = kXHalf;  // added to xw after each chunk, negated each time
-  // One lane offset for both tables: V's entries sit 128 bytes after K's, an immediate offset of
-  // the load, so the loop keeps (or rebuilds) one lane register instead of two.
+  // One lane offset and one table for K and V.
   const uint32_t ktl = 4u * uint32_t(lane);
-  const uint8_t* vtab = tab + 128;
+  const uint8_t* vtab = tab;
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float mu0 = 0.0f, mu1 = 0.0f;  // the maxima as exponent offsets (0 while a maximum is -inf)
