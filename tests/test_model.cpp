@@ -129,13 +129,59 @@ TEST(Model, PrefillInChunksEqualsTokenByTokenDecode) {
       kl += std::exp(pa) * (pa - pb);
     }
     std::printf("%s: chunked vs one-shot logits rel. error %.3g, KL %.3g\n", type, std::sqrt(e / r), kl);
-    // f32 carries only the matrix products' rounding; quantized caches may also flip an index
-    // where that rounding crosses a decision boundary, which must stay invisible in the output.
+    // f32 carries only the matrix products' rounding, which must stay invisible in the output.
+    const bool tq = std::string(type).rfind("tq", 0) == 0;
     if (std::string(type) == "f32") {
       EXPECT_LT(std::sqrt(e / r), 1e-4);
     }
-    EXPECT_LT(kl, 2e-3) << type;
     EXPECT_EQ(a.position(), 40);
+    EXPECT_EQ(b.position(), 40);
+    if (!tq) {
+      EXPECT_LT(kl, 2e-3) << type;
+      continue;
+    }
+    // A quantized cache may also flip an index where that rounding crosses a decision boundary,
+    // and every later layer sees the changed row: measured, tq4 KL 8e-3 with OpenBLAS's AVX-512
+    // kernels against 1e-11 with its AVX2 ones (same machine, OPENBLAS_CORETYPE). So the claim is
+    // checked where it lives: up to the first layer whose cached rows differ, both caches hold
+    // the same rows, and in that layer the few rows that differ moved by what a flipped index
+    // does (a centroid gap / sqrt(d) of the row's norm, ~5% at d = 64; a misplaced or lost row
+    // moves by ~100%). Later layers differ through the changed hidden states. The logits stay
+    // within what such flips did there (a wrong chunked path shows in the continuous types).
+    EXPECT_LT(kl, 5e-2) << type;
+    for (uint32_t l = 0; l < m->config().n_layers; ++l) {
+      const Cache& ca = a.cache(l);
+      const Cache& cb = b.cache(l);
+      ASSERT_EQ(ca.length(0), cb.length(0));
+      const auto cfg = ca.config();
+      const uint32_t n = uint32_t(std::min<int64_t>(ca.length(0), cfg.capacity)), d = cfg.head_dim;
+      const int64_t first = ca.length(0) - n;
+      std::vector<float> ra(size_t(n) * cfg.num_kv_heads * d), rb(ra.size());
+      size_t rows = 0, differ = 0;
+      double worst = 0;
+      for (int w = 0; w < 2; ++w) {
+        ca.read(0, w, first, n, ra);
+        cb.read(0, w, first, n, rb);
+        for (size_t row = 0; row < ra.size() / d; ++row) {
+          double dd = 0, nn = 0;
+          for (uint32_t i = 0; i < d; ++i) {
+            const double x = ra[row * d + i], y = rb[row * d + i];
+            dd += (x - y) * (x - y);
+            nn += x * x;
+          }
+          const double rel = nn > 0 ? std::sqrt(dd / nn) : std::sqrt(dd);
+          ++rows;
+          differ += rel > 1e-4;
+          worst = std::max(worst, rel);
+        }
+      }
+      if (differ == 0) continue;
+      std::printf("%s: layer %u is the first whose cached rows differ: %zu of %zu (worst %.3g of the row's norm)\n",
+                  type, l, differ, rows, worst);
+      EXPECT_LE(differ, 3u) << type << " layer " << l;
+      EXPECT_LT(worst, 0.3) << type << " layer " << l;
+      break;
+    }
   }
 }
 

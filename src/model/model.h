@@ -87,6 +87,8 @@ class Session {
   // KV bytes per token summed over layers (scales included).
   uint64_t kv_bytes_per_token() const;
   const std::vector<LayerCache>& caches() const { return types_; }
+  // Layer l's cache (sequence 0), for reading back what a forward stored.
+  const Cache& cache(uint32_t layer) const { return caches_.at(layer); }
 
  private:
   struct Scratch;
