@@ -2,8 +2,8 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -102,6 +102,19 @@ inline int64_t visible_rows(const std::vector<int64_t>& lens, const std::vector<
   return rows;
 }
 
+// ||a - ref|| / ||ref|| over d values (the absolute error where ref is zero; inf where a holds a
+// non-finite value).
+inline double row_rel_error(const float* a, const float* ref, uint32_t d) {
+  double e = 0, n = 0;
+  for (uint32_t i = 0; i < d; ++i) {
+    const double x = a[i], y = ref[i];
+    e += (x - y) * (x - y);
+    n += y * y;
+    if (!std::isfinite(x)) e = std::numeric_limits<double>::infinity();
+  }
+  return n > 0 ? std::sqrt(e / n) : std::sqrt(e);
+}
+
 // Attention outputs against a reference, per (query, head) row: the worst row's relative error
 // (one wrong element anywhere shows up) and the worst log-sum-exp error (relative above 1).
 struct RowErr {
@@ -111,14 +124,7 @@ inline RowErr compare_rows(const std::vector<float>& out, const std::vector<floa
                            const std::vector<float>& lse_ref, uint32_t d) {
   RowErr r;
   for (size_t row = 0; row < ref.size() / d; ++row) {
-    double e = 0, n = 0;
-    for (uint32_t i = 0; i < d; ++i) {
-      const double a = out[row * d + i], b = ref[row * d + i];
-      e += (a - b) * (a - b);
-      n += b * b;
-      if (!std::isfinite(a)) e = std::numeric_limits<double>::infinity();
-    }
-    r.out = std::max(r.out, n > 0 ? std::sqrt(e / n) : std::sqrt(e));
+    r.out = std::max(r.out, row_rel_error(out.data() + row * d, ref.data() + row * d, d));
     const double la = lse[row], lb = lse_ref[row];
     if (std::isinf(lb)) r.lse = std::max(r.lse, la == lb ? 0.0 : 1.0);
     else r.lse = std::max(r.lse, std::isfinite(la) ? std::fabs(la - lb) / std::max(1.0, std::fabs(lb)) : 1.0);

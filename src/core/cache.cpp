@@ -233,7 +233,7 @@ Cache::Encoded Cache::encode(uint32_t n, tqkv_dtype dtype, const void* k, const 
     try {
       cpu::encode_rows(p.codec, buf.data(), rows, out_rows[w]->get(), out_scales[w]->get(), &bad);
     } catch (const Error& err) {
-      // Rows are [token][kv head]; the CUDA backend names the same place.
+      // Rows are [token][kv head]; the CUDA backend names the same token, head and sequence.
       const std::string at = bad < rows ? " at token " + std::to_string(bad / cfg_.num_kv_heads) + ", kv head " +
                                               std::to_string(bad % cfg_.num_kv_heads) + " of sequence " +
                                               std::to_string(seq)

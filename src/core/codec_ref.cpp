@@ -70,10 +70,13 @@ float block_value(const uint8_t* row, uint32_t type, uint32_t i) {
 }
 
 std::string rotation_overflow_message(uint32_t d) {
+  // The bound rounded down to two digits, so that a norm below the printed value does fit.
+  const double b = double(std::numeric_limits<float>::max()) / std::sqrt(double(d));
+  const double unit = std::pow(10.0, std::floor(std::log10(b)) - 1);
   char bound[32];
-  std::snprintf(bound, sizeof bound, "%.2g", double(std::numeric_limits<float>::max()) / std::sqrt(double(d)));
-  return "overflows f32 in the rotation (its values are too large; a row whose norm is below FLT_MAX / "
-         "sqrt(head_dim), " + std::string(bound) + " here, always fits)";
+  std::snprintf(bound, sizeof bound, "%.1e", std::floor(b / unit) * unit * (1 - 1e-12));
+  return "overflows f32 in the rotation (its values, after any key centering, are too large; a row whose norm is "
+         "below FLT_MAX / sqrt(head_dim), " + std::string(bound) + " here, always fits)";
 }
 
 float encode_row(const CodecParams& p, const float* x, uint8_t* row) {
@@ -97,7 +100,7 @@ float encode_row(const CodecParams& p, const float* x, uint8_t* row) {
   std::vector<float> y(d);
   if (fmt::is_rotated(p.type)) {
     rotate(p.signs, x, y.data(), d);
-    // Finite values past ~FLT_MAX / sqrt(d) can overflow the float butterflies (inf, or inf - inf
+    // Finite values from ~FLT_MAX / d can overflow the float butterflies (inf, or inf - inf
     // = NaN). Such a row cannot be stored as given; saying so beats storing a zero row.
     for (uint32_t i = 0; i < d; ++i)
       if (!std::isfinite(y[i])) fail(TQKV_ERROR_NON_FINITE, "row " + rotation_overflow_message(d));

@@ -24,7 +24,8 @@ constexpr double kMinNorm = 1e-30;
 // Encodes d finite floats into one row (row_stride bytes; padding zeroed) and returns the scale
 // exactly as stored (after f16 rounding when scale_f16). Dense types store the values and return 0.
 // Throws TQKV_ERROR_NON_FINITE if a value cannot be represented (f16 overflow of a dense value or
-// of the scale, or a rotated row that overflows f32: finite values past ~FLT_MAX / sqrt(d)).
+// of the scale, or a rotated row that overflows f32: possible from values of ~FLT_MAX / d, never
+// for a row whose norm is below FLT_MAX / sqrt(d)).
 float encode_row(const CodecParams& p, const float* x, uint8_t* row);
 // Why a row whose rotation overflows f32 is refused ("row ... " + this; CPU and CUDA encoders).
 std::string rotation_overflow_message(uint32_t d);

@@ -119,7 +119,7 @@ __device__ __forceinline__ float ldg_scale(const uint8_t* p) {
 }
 
 // The table entry for byte J of w: the permute puts lane_off (the lane's offset, 4l) in byte 0
-// and the stored byte in byte 1, which is the entry's byte offset from tab (V: tab + 128).
+// and the stored byte in byte 1, which is the entry's byte offset from tab (K's and V's alike).
 template <int J>
 __device__ __forceinline__ uint32_t lookup(const uint8_t* tab, uint32_t lane_off, uint32_t w) {
   return *reinterpret_cast<const uint32_t*>(tab + prmt(w, lane_off, 0x5504u | (J << 4)));
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // While the previous kernel on the stream ends, ask L2 for the first two chunks this group will
-  // read (its K and V rows and their scales). That kernel (an append, a reset) may still change
+  // read (its K and V rows and their scales). That kernel (an append, say) may still change
   // the length, so the rows are a guess: a wrong one costs L2 traffic, never a wrong result.
   // Wide heads only: at D = 256 and 512 it took 0.3-1.2 us off a call (H100); at D = 128 the
   // same code, even switched off, made the kernel ~1 us slower at S = 131072 (kernel notes,
