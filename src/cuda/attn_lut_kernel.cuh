@@ -199,6 +199,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       reinterpret_cast<uint4*>(smem)[tid * 16 + part] = make_uint4(pair, pair, pair, pair);
     }
   }
+  constexpr uint32_t kss = SF16 ? 2 : 4, vss = kss;  // bytes of a row's scale
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // While the previous kernel on the stream ends, ask L2 for the first two chunks this group will
   // read (its K and V rows and their scales). That kernel (an append, say) may still change
@@ -209,6 +210,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if constexpr (D >= 256) {
     if (slice == 0 && p.prefetch) {
       const Slice g = split_slice<true>(p, b, split, kRows);
+      // row_base below, again: computing that one here, before the wait, changed the compiled kernels.
       const int64_t base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
       constexpr int kLines = D / 16;  // 128-byte lines of a chunk's 16 rows of D/2 bytes
       for (int c = 0; c < 2; ++c) {
@@ -222,7 +224,6 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
           asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + 128 * i));
           asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + 128 * i));
         }
-        constexpr int kss = SF16 ? 2 : 4;
         if (lane < 2) {  // the scales of rows s0 and s0 + 15 (at most two lines)
           const int64_t at = (base + s0 + 15 * lane) * kss;
           const uint8_t* ks = static_cast<const uint8_t*>(p.k_scales) + at;
@@ -244,7 +245,6 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   const uint32_t cap = p.capacity;
 
   const int r = lane >> 2, t = lane & 3;
-  constexpr uint32_t kss = SF16 ? 2 : 4, vss = kss;
   // This lane's bytes of slot 0 of the sequence's KV head, within the warp's slice (bytes
   // [slice*DS/2, ...) of a row): K columns [t*DS/8, ...), V columns [r*DS/16, ...); a row at
   // slot x is x strides further.
@@ -343,7 +343,6 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   uint32_t xflip = kXHalf;  // added to xw after each chunk, negated each time
   // One lane offset and one table for K and V.
   const uint32_t ktl = 4u * uint32_t(lane);
-  const uint8_t* vtab = tab;
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float mu0 = 0.0f, mu1 = 0.0f;  // the maxima as exponent offsets (0 while a maximum is -inf)
@@ -477,8 +476,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       auto pv = [&](auto jc) {
         constexpr int j = decltype(jc)::value;
         const int i = 4 * w + j;
-        const uint32_t a[4] = {lookup<j>(vtab, ktl, lo_n[0]), lookup<j>(vtab, ktl, hi_n[0]),
-                               lookup<j>(vtab, ktl, lo_n[1]), lookup<j>(vtab, ktl, hi_n[1])};
+        const uint32_t a[4] = {lookup<j>(tab, ktl, lo_n[0]), lookup<j>(tab, ktl, hi_n[0]),
+                               lookup<j>(tab, ktl, lo_n[1]), lookup<j>(tab, ktl, hi_n[1])};
         mma16816(acc[i], a, b_hi0, b_hi1);
         if constexpr (!PACK) mma16816(acc[i], a, b_lo0, b_lo1);
       };
