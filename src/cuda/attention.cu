@@ -52,8 +52,9 @@ struct Instance {
   // once per SM instead of twice and keeps a second chunk in flight per warp: H100, batch 1,
   // S = 4096 9.5 -> 8.2 us, S = 8192 11.1 -> 10.4, batch 8 S = 512 9.2 -> 8.4; with 8 chunks
   // per warp (1024 rows) two blocks per SM were faster (S = 16384: 14.4 against 19.4), and at
-  // D = 64 one block per SM was slower (S = 8192: 8.7 against 9.8); docs/cuda-kernel-notes.md,
-  // step 29.
+  // D = 64 one block per SM was slower (S = 8192: 8.7 against 9.8). Such grids are launched so
+  // that two of their blocks cannot share an SM (smem_floor in attend). docs/cuda-kernel-notes.md,
+  // steps 29 and 64.
   int64_t one_block_max_rows = 0;
   bool one_table = false;  // reads V's centroid pairs from K's table (the table-lookup kernel)
   explicit operator bool() const { return launch != nullptr; }
@@ -420,6 +421,18 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   // as a dependent it was slower (H100: B8 S1024 13.8 -> 14.9 us, B1 S4096 9.9 -> 11.0).
   const bool pdl = dev.cc_major() >= 9;
   p.prefetch = pdl && inst.pdl && prefetch_enabled();
+  // A table-lookup grid with at most one block per SM asks for over half an SM's shared memory,
+  // so that no SM gets two of its blocks while another gets none. Without that floor, calls back to back
+  // with one block per SM at D = 128 ran bimodally, and with the padded merge layout up to 19%
+  // slower (H100, 20 calls in a graph: batch 8 S = 1024 12.4 against 10.3 us, batch 1 S = 8192
+  // 12.3 against 10.2), while single calls were not slower: blocks doubling up where the
+  // previous call's combine still held SMs, most likely. The floor removed it (kernel notes,
+  // step 64). The rest of the SM stays free for the combine's blocks.
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  if (blocks <= uint64_t(dev.sm_count()) && dev.smem_per_sm() > 0) {
+    const int half = dev.smem_per_sm() / 2 + 1024;  // two such blocks (plus the 1 KB each reserves) exceed an SM
+    if (half <= dev.smem_per_block()) p.smem_floor = half;
+  }
   inst.launch(p, grid, stream, pdl && inst.pdl);
   const uint32_t rows = cfg.num_seqs * call.num_q_heads;
   const int rot = fmt::is_tq(v.type) ? 1 : 0;

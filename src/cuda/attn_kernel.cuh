@@ -49,6 +49,7 @@ struct AttnKernelParams {
   uint32_t hkv, group, num_q_heads, capacity, nsplit, head_chunks;
   int ring, mask;
   int prefetch;  // lut kernel launched as a programmatic dependent: L2 hints before the wait
+  int smem_floor;  // host only: the lut kernel's launch takes at least this much shared memory
   uint32_t window;
   float scale, softcap;
   int k_scale_f16, v_scale_f16, centered;

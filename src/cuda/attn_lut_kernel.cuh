@@ -23,6 +23,7 @@
 #pragma once
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -59,15 +60,16 @@ struct Layout {
   static constexpr int NS = D / DS;                     // warps per group (slices of a row)
   static constexpr int kGroups = kWarps / NS;           // groups: each streams its own chunks
   static constexpr int kSteps = DS / 16;                // QK k-steps = PV m-tiles of a slice
-  // Merge buffer [group][head][column]. D >= 256: coordinate c sits at column mcol(c), four
+  // Merge buffer [group][head][column]. D >= 128: coordinate c sits at column mcol(c), four
   // floats of padding after each run of DS/8 (what one lane row r of the accumulators holds),
   // and rows of heads 4 (mod 32) floats apart: the warps' float2 stores then take 4 wavefronts
   // each at most, against 16 with rows D + 8 apart, where every lane row r fell on the same
   // banks (D = 512: 51 -> 44 us at S = 32768 with the prologue's loads, kernel notes step 44),
-  // while the float4 reads stay contiguous and aligned. D <= 128 keeps rows D + 8 apart: the
-  // padded layout measured 3-4% faster at most shapes there but 16% slower at batch 8, S = 1024
-  // (10.8 -> 12.6 us, H100), where the next call's blocks share the SMs with this epilogue.
-  static constexpr bool kPadRuns = D >= 256;
+  // while the float4 reads stay contiguous and aligned. At D = 128 it takes 0.3-0.5 us off a
+  // call (H100); it had been slower for calls back to back with one block per SM and 3-4 chunks
+  // per warp, until such grids took enough shared memory to stay one block per SM (attend's
+  // smem_floor; kernel notes steps 48, 61 and 64).
+  static constexpr bool kPadRuns = D >= 128;
   static constexpr int kRun = DS / 8;
   static constexpr int kHeadStride = kPadRuns ? D + (D / kRun) * 4 + 4 : D + 8;
   __host__ __device__ static constexpr int mcol(int c) { return kPadRuns ? c + (c / kRun) * 4 : c; }
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         const int64_t rel = int64_t(grp + c * G) * kRows;
         if (g.lo + rel >= g.hi) break;
         const int64_t s0 = p.ring ? (g.lo + rel) % int64_t(p.capacity) : g.lo + rel;
-        if (s0 + kRows > int64_t(p.capacity)) break;  // wraps, or not stored: no hint
+        if (s0 + kRows > int64_t(p.capacity)) continue;  // wraps (the next chunk may not), or not stored
         const uint8_t* kc = p.k_data + (base + s0) * (D / 2);
         const uint8_t* vc = p.v_data + (base + s0) * (D / 2);
         for (int i = lane; i < kLines; i += 32) {
@@ -595,7 +597,7 @@ constexpr int kMinBlocks = kSlice<D> <= 128 ? 2 : 1;
 
 template <int D>
 void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
-  constexpr int bytes = Layout<D>::kBytes;
+  const int bytes = std::max(Layout<D>::kBytes, p.smem_floor);
   constexpr int MB = kMinBlocks<D>;
   const bool pack = p.group <= kPackMaxHeads;  // one head chunk of at most 4 heads
   auto* kernel = pack ? (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true> : attn_lut_kernel<D, MB, false, true>)

@@ -140,6 +140,8 @@ DeviceCache::DeviceCache(const core::Cache& meta) {
     invalid("num_seqs: " + std::to_string(c.num_seqs) + " is invalid for a CUDA cache; allowed: 1 .. 65535");
   TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major_, cudaDevAttrComputeCapabilityMajor, device_));
+  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem_per_sm_, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device_));
+  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem_per_block_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   d_ = c.head_dim;
   hkv_ = c.num_kv_heads;
   seqs_ = c.num_seqs;
@@ -298,18 +300,18 @@ void DeviceCache::download(const core::Cache& meta, core::Cache& dst) const {
 
 void DeviceCache::grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what, bool retire) {
   if (bytes <= have) return;
-  if (pinned) cudaFreeHost(buf);
-  else if (retire && buf) retired_.push_back(buf);
-  else cudaFree(buf);
-  buf = nullptr;
-  have = 0;
-  const cudaError_t e = pinned ? cudaMallocHost(&buf, bytes) : cudaMalloc(&buf, bytes);
+  // The new buffer first: when it cannot be had, the old one (and its size) stay as they were.
+  void* fresh = nullptr;
+  const cudaError_t e = pinned ? cudaMallocHost(&fresh, bytes) : cudaMalloc(&fresh, bytes);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
-    buf = nullptr;
     fail(e == cudaErrorMemoryAllocation ? TQKV_ERROR_OUT_OF_MEMORY : TQKV_ERROR_BACKEND,
          "cuda: cannot allocate " + std::to_string(bytes) + " bytes of " + what + ": " + cudaGetErrorString(e));
   }
+  if (pinned) cudaFreeHost(buf);
+  else if (retire && buf) retired_.push_back(buf);
+  else cudaFree(buf);
+  buf = fresh;
   have = bytes;
 }
 
@@ -331,11 +333,7 @@ void* DeviceCache::workspace(size_t bytes, bool capturing) {
              std::to_string(bytes) + " bytes needed, and it cannot grow during CUDA graph capture; pass "
              "params.workspace (size from tqkv_attend_workspace_size) or call tqkv_attend once before capturing");
   TQKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));  // the old one may be in use
-  void* fresh = dev_alloc<uint8_t>(bytes, "attention workspace");
-  if (ws_captured_ && ws_) retired_.push_back(ws_);  // captured graphs still point at it
-  else cudaFree(ws_);
-  ws_ = fresh;
-  ws_bytes_ = bytes;
+  grow(ws_, ws_bytes_, bytes, false, "attention workspace", ws_captured_);  // captured graphs still point at it
   return ws_;
 }
 

@@ -78,6 +78,8 @@ class DeviceCache {
   int device() const { return device_; }
   int sm_count() const { return sm_count_; }
   int cc_major() const { return cc_major_; }
+  int smem_per_sm() const { return smem_per_sm_; }        // shared memory of one multiprocessor
+  int smem_per_block() const { return smem_per_block_; }  // the most one block may opt into
 
   const DevPlane& plane(int which) const { return which == 0 ? k_ : v_; }
   const float* signs() const { return signs_; }       // [head_dim]
@@ -122,7 +124,7 @@ class DeviceCache {
 
  private:
   void* stream_ = nullptr;
-  int device_ = 0, sm_count_ = 0, cc_major_ = 0;
+  int device_ = 0, sm_count_ = 0, cc_major_ = 0, smem_per_sm_ = 0, smem_per_block_ = 0;
   DevPlane k_, v_;
   float* signs_ = nullptr;
   uint32_t sign_bits_[16] = {};  // the signs as bits, for the encoder's parameters (enc::EncodeArgs)
@@ -158,7 +160,8 @@ class DeviceCache {
   void* host_stage_ = nullptr;
   size_t host_stage_bytes_ = 0;
   // Replaces buf (have bytes; device memory, or pinned host memory) by one of `bytes` bytes,
-  // contents not kept, if it is smaller; `what` names it in the error.
+  // contents not kept, if it is smaller; `what` names it in the error, and buf stays as it was
+  // when the new one cannot be allocated.
   // retire: a captured graph may still use buf, so it is kept (freed with the cache) instead.
   void grow(void*& buf, size_t& have, size_t bytes, bool pinned, const char* what, bool retire = false);
   void* ws_ = nullptr;
