@@ -422,15 +422,15 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   const bool pdl = dev.cc_major() >= 9;
   p.prefetch = pdl && inst.pdl && prefetch_enabled();
   // A table-lookup grid with at most one block per SM asks for over half an SM's shared memory,
-  // so that no SM gets two of its blocks while another gets none. Without that floor, calls back to back
-  // with one block per SM at D = 128 ran bimodally, and with the padded merge layout up to 19%
-  // slower (H100, 20 calls in a graph: batch 8 S = 1024 12.4 against 10.3 us, batch 1 S = 8192
-  // 12.3 against 10.2), while single calls were not slower: blocks doubling up where the
-  // previous call's combine still held SMs, most likely. The floor removed it (kernel notes,
-  // step 64). The rest of the SM stays free for the combine's blocks.
+  // so that no SM gets two of its blocks while another gets none. Without that floor, calls
+  // back to back with one block per SM at D = 128 ran bimodally, and with the padded merge
+  // layout up to 19% slower (H100, 20 calls in a graph: batch 8 S = 1024 12.4 against 10.3 us,
+  // batch 1 S = 8192 12.3 against 10.2), while single calls were not slower: blocks doubling up
+  // where the previous call's combine still held SMs, most likely. The floor removed it (kernel
+  // notes, step 64). The rest of the SM stays free for the combine's blocks.
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   if (blocks <= uint64_t(dev.sm_count()) && dev.smem_per_sm() > 0) {
-    const int half = dev.smem_per_sm() / 2 + 1024;  // two such blocks (plus the 1 KB each reserves) exceed an SM
+    const int half = dev.smem_per_sm() / 2 + 1024;  // two, with the 1 KB each reserves, exceed an SM
     if (half <= dev.smem_per_block()) p.smem_floor = half;
   }
   inst.launch(p, grid, stream, pdl && inst.pdl);
