@@ -410,7 +410,12 @@ TEST(CudaAttention, GraphReplaySeesNewLengths) {
     auto k = test::gaussian(size_t(n) * c.hkv * c.d, rng), v = test::gaussian(size_t(n) * c.hkv * c.d, rng);
     host.append(0, k, v);
     ASSERT_EQ(tqkv_cache_copy(host.get(), dev.get()), TQKV_OK) << tqkv_last_error();
+    // Nothing may be read that the replay did not write: the workspace's partials and (max, sum)
+    // pairs are poisoned too (the memsets run on the legacy stream, hence the sync).
     dout.poison();
+    dlse.poison();
+    ws.poison();
+    CU(cudaDeviceSynchronize());
     CU(cudaGraphLaunch(exec, stream));
     CU(cudaStreamSynchronize(stream));
     std::vector<float> out(q.size()), lse(hq), ref(q.size()), lse_ref(hq);

@@ -185,10 +185,32 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   __shared__ float part[kCombineWarps][D];
   __shared__ float red[2][kCombineWarps];
   __shared__ int red_bad[kCombineWarps];
-  grid_dependency_wait();
-  grid_dependency_trigger();  // the next call's attention blocks may be scheduled now
   const uint32_t row = blockIdx.x, h = row % num_q_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // The signs and the sink are read before the wait: the attention kernel does not write them,
+  // and whatever kernel came before it on the stream has ended (every attention block waited
+  // for it before triggering this launch). Read after the merge, the signs were one more memory
+  // round trip at the end of every call (H100: D = 128 batch 1 S = 1024 6.14 -> 6.05 us,
+  // S = 32768 20.4 -> 20.0, D = 512 S = 32768 42.4 -> 42.2). At D = 256 the same change made
+  // calls 0.8-1.0 us slower (S = 16384 to 65536; cause not found), so there they are read
+  // after the merge as before (kernel notes, step 65).
+  constexpr bool kEarlySigns = D != 256;
+  float sg[V];
+  auto load_signs = [&] {
+    if constexpr (V >= 4) {  // the library's signs: 16-byte aligned
+#pragma unroll
+      for (int j = 0; j < V; j += 4) load4(signs + lane * V + j, sg + j);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) sg[j] = signs[lane * V + j];
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < V; ++j) sg[j] = 1.0f;
+  if (kEarlySigns && warp == 0 && rotated) load_signs();
+  const float sink_early = kEarlySigns && warp == 0 && sinks ? sinks[h] : 0.0f;
+  grid_dependency_wait();
+  grid_dependency_trigger();  // the next call's attention blocks may be scheduled now
   const float* ml = part_ml + size_t(row) * nsplit * 2;
   const float* po = part_o + size_t(row) * nsplit * D + lane * V;
   float m = -INFINITY, l = 0.0f, acc[V];
@@ -250,7 +272,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   __syncthreads();
   if (warp != 0) return;
   const float log2e = 1.4426950408889634f;
-  float mx = sinks ? sinks[h] * log2e : -INFINITY;
+  const float sink = !sinks ? 0.0f : kEarlySigns ? sink_early : sinks[h];
+  float mx = sinks ? sink * log2e : -INFINITY;
   int any_bad = 0;
   for (int i = 0; i < kCombineWarps; ++i) {
     mx = fmaxf(mx, red[0][i]);
@@ -258,7 +281,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   }
   const float mu = mx == -INFINITY ? 0.0f : mx;
   float f[kCombineWarps];
-  l = sinks ? exp2f(sinks[h] * log2e - mu) : 0.0f;
+  l = sinks ? exp2f(sink * log2e - mu) : 0.0f;
 #pragma unroll
   for (int i = 0; i < kCombineWarps; ++i) {
     f[i] = exp2f(red[0][i] - mu);
@@ -276,14 +299,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   if (rotated) {  // x = s .* (H y) / sqrt(D)
     warp_fwht<V>(y, lane);
     const float norm = rsqrtf(float(D));
-    float sg[V];
-    if constexpr (V >= 4) {  // the library's signs: 16-byte aligned
-#pragma unroll
-      for (int j = 0; j < V; j += 4) load4(signs + lane * V + j, sg + j);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) sg[j] = signs[lane * V + j];
-    }
+    if constexpr (!kEarlySigns) load_signs();
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] *= norm * sg[j];
   }
