@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   // for it before triggering this launch). Read after the merge, the signs were one more memory
   // round trip at the end of every call (H100: D = 128 batch 1 S = 1024 6.14 -> 6.05 us,
   // S = 32768 20.4 -> 20.0, D = 512 S = 32768 42.4 -> 42.2). At D = 256 the same change made
-  // calls 0.8-1.0 us slower (S = 16384 to 65536; cause not found), so there they are read
+  // calls 0.6-1.0 us slower (S = 16384 to 65536; cause not found), so there they are read
   // after the merge as before (kernel notes, step 65).
   constexpr bool kEarlySigns = D != 256;
   float sg[V];
