@@ -277,88 +277,115 @@ __device__ __forceinline__ int qslot(int s, int lane) { return s * 32 + (SWZ ? l
 // (slice j's k-steps are j*DS/16 ..), for kernels that give each slice its own warp.
 // Rotated coordinates (FWHT / sqrt(D)) also carry 1/sqrt(D) for centroid units: 1/D in all.
 // q_unscale[h] undoes the power-of-two scaling, bias[h] = scale * q . mu (key centering).
+// It comes in two halves, query_load (memory) and query_finish (arithmetic and the fragment
+// stores), so that a kernel whose warps take one head each can put the query's loads in flight
+// before other loads that wait on memory (the table-lookup kernel: before the lengths').
+template <int D>
+struct QueryIn {
+  float x[D / 32];   // the head's query, qcoord layout (zero for a head past nh)
+  float mu[D / 32];  // the KV head's key mean, when the cache is centered
+};
+
+// The rotation signs in the qcoord layout: the library's, 16-byte aligned, and written only at
+// cache creation, so a kernel may read them before griddepcontrol.wait.
+template <int D>
+__device__ __forceinline__ void query_signs(const AttnKernelParams& p, int lane, float (&sg)[D / 32]) {
+  load_qlayout<D, true>(p.signs, lane, sg);
+}
+
+template <int D>
+__device__ __forceinline__ void query_load(const AttnKernelParams& p, uint32_t b, uint32_t hkv_idx, uint32_t h0,
+                                           int nh, int h, int lane, QueryIn<D>& in) {
+  constexpr int V = D / 32;
+  if (h < nh) {
+    const float* qrow = p.q + (size_t(b) * p.num_q_heads + h0 + h) * D;
+    // q is the caller's and may sit at any float offset; the key means are the library's.
+    if ((reinterpret_cast<uintptr_t>(p.q) & 15) == 0) load_qlayout<D, true>(qrow, lane, in.x);
+    else load_qlayout<D, false>(qrow, lane, in.x);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) in.x[j] = 0.0f;
+  }
+  if (p.centered) load_qlayout<D, true>(p.centers + (size_t(b) * p.hkv + hkv_idx) * D, lane, in.mu);
+}
+
+template <int D, bool ROTATED, int DS = D, bool SWZ = false>
+__device__ __forceinline__ void query_finish(const AttnKernelParams& p, int h, int lane, const float (&sg)[D / 32],
+                                             QueryIn<D>& in, uint32_t* q_hl, float* q_unscale, float* bias) {
+  constexpr int V = D / 32;
+  const float post = ROTATED ? 1.0f / float(D) : 1.0f;
+  float(&x)[V] = in.x;
+  float dot = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) x[j] *= p.scale;
+  if (p.centered) {  // bias = scale * q . mu, original domain
+#pragma unroll
+    for (int j = 0; j < V; ++j) dot += x[j] * in.mu[j];
+  }
+  if (ROTATED) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] *= sg[j];
+    // warp_fwht's butterflies read the registers as lane-major rows, but the Hadamard
+    // matrix is the same under any consistent permutation of the index bits, so on the
+    // qcoord layout they give the transform by coordinate.
+    warp_fwht<V>(x, lane);
+  }
+  float mx = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    x[j] *= post;
+    mx = fmaxf(mx, fabsf(x[j]));
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+    dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+  }
+  // Power-of-two scaling keeps the f16 parts normal: max |q| lands in [2^13, 2^14).
+  int e = 0;
+  frexpf(mx > 0.0f ? mx : 1.0f, &e);
+  const float up = ldexpf(1.0f, 14 - e);
+  if (lane == 0) {
+    q_unscale[h] = 1.0f / up;
+    bias[h] = p.centered ? dot : 0.0f;
+  }
+  // The fragment entry (uint4 index) holding coordinate c: k-step sq, quad tq.
+  auto entry = [&](int c) {
+    const int cs = c % DS;
+    const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4;
+    return qslot<SWZ>(sq, h * 4 + tq);
+  };
+  if constexpr (V >= 4) {
+    // A run of four coordinates (c % 4 == 0) is one whole entry: one 16-byte store.
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+      uint32_t h01, l01, h23, l23;
+      split_half2(x[j] * up, x[j + 1] * up, h01, l01);
+      split_half2(x[j + 2] * up, x[j + 3] * up, h23, l23);
+      reinterpret_cast<uint4*>(q_hl)[entry(qcoord<D>(lane, j))] = make_uint4(h01, h23, l01, l23);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const int c = qcoord<D>(lane, j);  // even: a pair (c, c+1) lands in one 32-bit word
+      uint32_t hw, lw;
+      split_half2(x[j] * up, x[j + 1] * up, hw, lw);
+      uint32_t* dst = q_hl + entry(c) * 4;
+      dst[(c % 4) / 2] = hw;
+      dst[2 + (c % 4) / 2] = lw;
+    }
+  }
+}
+
 template <int D, int WARPS, bool ROTATED, int DS = D, bool SWZ = false>
 __device__ __forceinline__ void query_fragments(const AttnKernelParams& p, uint32_t b, uint32_t hkv_idx, uint32_t h0,
                                                 int nh, int warp, int lane, uint32_t* q_hl, float* q_unscale,
                                                 float* bias) {
-  constexpr int V = D / 32;
-  const float post = ROTATED ? 1.0f / float(D) : 1.0f;
-  // The key means and signs are the library's (cudaMalloc'd, rows of D floats): 16-byte
-  // aligned. q is the caller's and may sit at any float offset.
-  const bool q_aligned = (reinterpret_cast<uintptr_t>(p.q) & 15) == 0;
-  float sg[V];
-  if (ROTATED) load_qlayout<D, true>(p.signs, lane, sg);
+  float sg[D / 32];
+  if (ROTATED) query_signs<D>(p, lane, sg);
   for (int h = warp; h < kHeadsPerBlock; h += WARPS) {
-    float x[V];
-    float dot = 0.0f;
-    if (h < nh) {
-      const float* qrow = p.q + (size_t(b) * p.num_q_heads + h0 + h) * D;
-      if (q_aligned) load_qlayout<D, true>(qrow, lane, x);
-      else load_qlayout<D, false>(qrow, lane, x);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) x[j] = 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < V; ++j) x[j] *= p.scale;
-    if (p.centered) {  // bias = scale * q . mu, original domain
-      float mu[V];
-      load_qlayout<D, true>(p.centers + (size_t(b) * p.hkv + hkv_idx) * D, lane, mu);
-#pragma unroll
-      for (int j = 0; j < V; ++j) dot += x[j] * mu[j];
-    }
-    if (ROTATED) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) x[j] *= sg[j];
-      // warp_fwht's butterflies read the registers as lane-major rows, but the Hadamard
-      // matrix is the same under any consistent permutation of the index bits, so on the
-      // qcoord layout they give the transform by coordinate.
-      warp_fwht<V>(x, lane);
-    }
-    float mx = 0.0f;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      x[j] *= post;
-      mx = fmaxf(mx, fabsf(x[j]));
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
-    }
-    // Power-of-two scaling keeps the f16 parts normal: max |q| lands in [2^13, 2^14).
-    int e = 0;
-    frexpf(mx > 0.0f ? mx : 1.0f, &e);
-    const float up = ldexpf(1.0f, 14 - e);
-    if (lane == 0) {
-      q_unscale[h] = 1.0f / up;
-      bias[h] = p.centered ? dot : 0.0f;
-    }
-    // The fragment entry (uint4 index) holding coordinate c: k-step sq, quad tq.
-    auto entry = [&](int c) {
-      const int cs = c % DS;
-      const int tq = cs / (DS / 4), sq = c / DS * (DS / 16) + (cs % (DS / 4)) / 4;
-      return qslot<SWZ>(sq, h * 4 + tq);
-    };
-    if constexpr (V >= 4) {
-      // A run of four coordinates (c % 4 == 0) is one whole entry: one 16-byte store.
-#pragma unroll
-      for (int j = 0; j < V; j += 4) {
-        uint32_t h01, l01, h23, l23;
-        split_half2(x[j] * up, x[j + 1] * up, h01, l01);
-        split_half2(x[j + 2] * up, x[j + 3] * up, h23, l23);
-        reinterpret_cast<uint4*>(q_hl)[entry(qcoord<D>(lane, j))] = make_uint4(h01, h23, l01, l23);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; j += 2) {
-        const int c = qcoord<D>(lane, j);  // even: a pair (c, c+1) lands in one 32-bit word
-        uint32_t hw, lw;
-        split_half2(x[j] * up, x[j + 1] * up, hw, lw);
-        uint32_t* dst = q_hl + entry(c) * 4;
-        dst[(c % 4) / 2] = hw;
-        dst[2 + (c % 4) / 2] = lw;
-      }
-    }
+    QueryIn<D> in;
+    query_load<D>(p, b, hkv_idx, h0, nh, h, lane, in);
+    query_finish<D, ROTATED, DS, SWZ>(p, h, lane, sg, in, q_hl, q_unscale, bias);
   }
 }
 

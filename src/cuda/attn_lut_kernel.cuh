@@ -54,7 +54,15 @@ constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PA
 template <int D>
 constexpr int kSlice = D <= 128 ? D : D == 512 ? 256 : 128;
 
-template <int D>
+// SEP: the merge buffer has its own region after the tables, for blocks of at most
+// kPackMaxHeads heads (PACK) up to D = 128, where it is small enough for two blocks to share an
+// SM still; the warps then store their outputs into it as soon as their loops end and the block
+// merges them after a single barrier. Without SEP it reuses the tables' region (8 heads: 50 KB
+// at D = 128), which every warp must be done with first, so the merge takes two barriers. (At
+// D = 256 the single-barrier merge spilled 16 bytes.)
+template <int D, bool PACK>
+constexpr bool kSepMerge = PACK && D <= 128;
+template <int D, bool SEP = false>
 struct Layout {
   static constexpr int DS = kSlice<D>;                  // coordinates per warp
   static constexpr int NS = D / DS;                     // warps per group (slices of a row)
@@ -74,12 +82,14 @@ struct Layout {
   static constexpr int kHeadStride = kPadRuns ? D + (D / kRun) * 4 + 4 : D + 8;
   __host__ __device__ static constexpr int mcol(int c) { return kPadRuns ? c + (c / kRun) * 4 : c; }
   static_assert(!kPadRuns || (kRun % 4 == 0 && kHeadStride % 32 == 4), "merge layout");
-  static constexpr int kMerge = kGroups * kHeadsPerBlock * kHeadStride * 4;
+  static constexpr int kMergeHeads = SEP ? int(kPackMaxHeads) : kHeadsPerBlock;
+  static constexpr int kMerge = kGroups * kMergeHeads * kHeadStride * 4;
+  static constexpr int kMergeAt = SEP ? kTableBytes : 0;  // byte offset of the merge buffer
   static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
   static constexpr int kXWarp = 32 * 16;                        // one warp's partial scores: a float4 per lane
   static constexpr int kX = NS > 1 ? 2 * kWarps * kXWarp : 0;  // two chunks' worth
   static constexpr int kMisc = (2 + 2 * kWarps) * kHeadsPerBlock * 4;
-  static constexpr int kRegion = kTableBytes > kMerge ? kTableBytes : kMerge;
+  static constexpr int kRegion = SEP ? kTableBytes + kMerge : kTableBytes > kMerge ? kTableBytes : kMerge;
   static constexpr int kBytes = kRegion + kQ + kX + kMisc;
   static_assert(kWarps % NS == 0, "whole groups per block");
 };
@@ -162,7 +172,8 @@ __device__ __forceinline__ float4 lds128(uint32_t a) {
 // fewer heads those columns were zero padding.
 template <int D, int MINB, bool SF16, bool PACK>
 __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
-  using Lay = Layout<D>;
+  constexpr bool SEP = kSepMerge<D, PACK>;
+  using Lay = Layout<D, SEP>;
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
   using Ch = Chunk<DS>;
   constexpr int S = Lay::kSteps;
@@ -172,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   constexpr int KS = D / 2, VS = D / 2;  // row strides of TQ4 rows (D/2 bytes, 16-aligned)
   extern __shared__ __align__(16) uint8_t smem[];
   const uint8_t* tab = smem;
-  float* merge = reinterpret_cast<float*>(smem);  // reuses the tables after the loop
+  float* merge = reinterpret_cast<float*>(smem + Lay::kMergeAt);  // without SEP: the tables' region
   uint32_t* q_hl = reinterpret_cast<uint32_t*>(smem + Lay::kRegion);
   float* misc = reinterpret_cast<float*>(smem + Lay::kRegion + Lay::kQ + Lay::kX);
   float* q_unscale = misc;
@@ -237,7 +248,15 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
   }
 #endif
+  // The query prologue's loads go out first, the signs before the wait (nothing on the stream
+  // writes them) and the query (which the previous kernel may write) right after it, so that
+  // they are in flight while the lengths' load below and then the first chunk's wait on memory.
+  static_assert(kWarps == kHeadsPerBlock, "one query head per warp");
+  float sg[D / 32];
+  query_signs<D>(p, lane, sg);
   grid_dependency_wait();
+  QueryIn<D> qin;
+  query_load<D>(p, b, hkv_idx, h0, nh, warp, lane, qin);
 
   // ---- this split's slice of the visible positions (16-row multiples) ----
   const Slice sl = split_slice(p, b, split, kRows);
@@ -307,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if (rel < n_my) load(cur, rel, s0);
 
   // ---- prologue: each warp rotates and scales one query head ----
-  query_fragments<D, kWarps, true, DS, kQSwz>(p, b, hkv_idx, h0, nh, warp, lane, q_hl, q_unscale, bias);
+  query_finish<D, true, DS, kQSwz>(p, warp, lane, sg, qin, q_hl, q_unscale, bias);
   __syncthreads();
 
   // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to a slice of
@@ -524,26 +543,56 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     wl[warp * kHeadsPerBlock + hd] = l0;
     wl[warp * kHeadsPerBlock + hd + 1] = l1;
   }
-  __syncthreads();  // also: every warp is done with the tables, which the merge buffer reuses
-  // One warp per group speaks for it (its slices hold the same maxima and sums).
+  constexpr int MH = Lay::kMergeHeads;
+  float* mw = merge + grp * MH * Lay::kHeadStride;
+  // Without SEP: every warp must be done with the tables, which the merge buffer reuses, and
+  // the outputs are rescaled to the block's maxima before they are stored. With SEP they are
+  // stored as they are and the threads that add the groups rescale them (group_factors).
+  float f0 = 1.0f, f1 = 1.0f;
   float bm0 = -INFINITY, bm1 = -INFINITY;
+  if constexpr (!SEP) {
+    __syncthreads();
+    // One warp per group speaks for it (its slices hold the same maxima and sums).
 #pragma unroll
-  for (int w = 0; w < kWarps; w += NS) {
-    bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
-    bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
+    for (int w = 0; w < kWarps; w += NS) {
+      bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
+      bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
+    }
+    f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
+    f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
   }
-  const float f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
-  const float f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
-  float* mw = merge + grp * kHeadsPerBlock * Lay::kHeadStride;
+  {  // PACK: lanes t and t^2 hold the same heads and values; both store them
 #pragma unroll
-  for (int i = 0; i < S; ++i) {
-    const int coord = slice * DS + r * (DS / 8) + 2 * i;
-    *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + Lay::mcol(coord)) =
-        make_float2(acc[i][0] * f0, acc[i][2] * f0);
-    *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + Lay::mcol(coord)) =
-        make_float2(acc[i][1] * f1, acc[i][3] * f1);
+    for (int i = 0; i < S; ++i) {
+      const int coord = slice * DS + r * (DS / 8) + 2 * i;
+      *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + Lay::mcol(coord)) =
+          make_float2(acc[i][0] * f0, acc[i][2] * f0);
+      *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + Lay::mcol(coord)) =
+          make_float2(acc[i][1] * f1, acc[i][3] * f1);
+    }
   }
   __syncthreads();
+  // SEP: the factor of group g for head `head` (from the block's maximum over the groups').
+  auto group_factors = [&](int head, float (&fg)[G]) {
+    if constexpr (!SEP) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) fg[g] = 1.0f;  // stored rescaled already
+      return;
+    }
+    float bm = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < G; ++g) bm = fmaxf(bm, wm[g * NS * kHeadsPerBlock + head]);
+    const float bmu = bm == -INFINITY ? 0.0f : bm;
+#pragma unroll
+    for (int g = 0; g < G; ++g) fg[g] = fast_exp2(wm[g * NS * kHeadsPerBlock + head] - bmu);
+  };
+  if constexpr (SEP) {  // the block's maxima, for the sums below
+#pragma unroll
+    for (int w = 0; w < kWarps; w += NS) {
+      bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
+      bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
+    }
+  }
   const size_t head_stride = size_t(p.nsplit) * D;
   float* po = p.part_o + ((size_t(b) * p.num_q_heads + h0) * p.nsplit + split) * D;
   const float nanv = __int_as_float(0x7FC00000);
@@ -554,24 +603,27 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     // at D = 128 too was slower there: kernel notes, step 42.)
     for (int idx = 4 * tid; idx < nh * D; idx += 4 * kThreads) {
       const int head = idx / D, coord = idx % D;
+      float fg[G];
+      group_factors(head, fg);
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        const float4 m =
-            *reinterpret_cast<const float4*>(merge + (g * kHeadsPerBlock + head) * Lay::kHeadStride + Lay::mcol(coord));
-        sum.x += m.x;
-        sum.y += m.y;
-        sum.z += m.z;
-        sum.w += m.w;
+        const float4 m = *reinterpret_cast<const float4*>(merge + (g * MH + head) * Lay::kHeadStride + Lay::mcol(coord));
+        sum.x = fmaf(m.x, fg[g], sum.x);
+        sum.y = fmaf(m.y, fg[g], sum.y);
+        sum.z = fmaf(m.z, fg[g], sum.z);
+        sum.w = fmaf(m.w, fg[g], sum.w);
       }
       *reinterpret_cast<float4*>(po + head * head_stride + coord) = bad ? make_float4(nanv, nanv, nanv, nanv) : sum;
     }
   } else {
     for (int idx = tid; idx < nh * D; idx += kThreads) {
       const int head = idx / D, coord = idx % D;
+      float fg[G];
+      group_factors(head, fg);
       float sum = 0.0f;
 #pragma unroll
-      for (int g = 0; g < G; ++g) sum += merge[(g * kHeadsPerBlock + head) * Lay::kHeadStride + Lay::mcol(coord)];
+      for (int g = 0; g < G; ++g) sum = fmaf(merge[(g * MH + head) * Lay::kHeadStride + Lay::mcol(coord)], fg[g], sum);
       po[head * head_stride + coord] = bad ? nanv : sum;
     }
   }
@@ -597,9 +649,9 @@ constexpr int kMinBlocks = kSlice<D> <= 128 ? 2 : 1;
 
 template <int D>
 void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
-  const int bytes = std::max(Layout<D>::kBytes, p.smem_floor);
   constexpr int MB = kMinBlocks<D>;
   const bool pack = p.group <= kPackMaxHeads;  // one head chunk of at most 4 heads
+  const int bytes = std::max(pack ? Layout<D, kSepMerge<D, true>>::kBytes : Layout<D>::kBytes, p.smem_floor);
   auto* kernel = pack ? (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true> : attn_lut_kernel<D, MB, false, true>)
                       : (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, false> : attn_lut_kernel<D, MB, false, false>);
   TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -610,7 +662,9 @@ void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl)
 template <int D>
 int blocks_per_sm() {
   static const int n = [] {
-    constexpr int bytes = Layout<D>::kBytes;
+    // The packed variant's separate merge buffer makes it the larger; the split count must fill
+    // the slots of whichever variant a call launches.
+    constexpr int bytes = std::max(Layout<D>::kBytes, Layout<D, kSepMerge<D, true>>::kBytes);
     auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false, false>;
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int k = 0;
