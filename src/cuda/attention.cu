@@ -181,7 +181,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
     combine_kernel(const float* part_o, const float* part_ml, const float* sinks, const float* signs, float* out,
                    float* lse, uint32_t num_q_heads, uint32_t nsplit, int rotated) {
   constexpr int V = D / 32;
-  constexpr int kBatch = 64 / V;  // splits per warp in flight: 64 output registers
+  // Splits per warp in flight: 64 output registers, but at least 9, so that the 33 splits of a
+  // batch-1 call on an H100 (one wave of 132 SMs over 4 or 8 heads) are loaded in one round trip
+  // by the 4 warps (32 at D = 256 and 8 at D = 512 left one split, or 17, for a second trip).
+  constexpr int kBatch = 64 / V < 9 ? 9 : 64 / V;
   __shared__ float part[kCombineWarps][D];
   __shared__ float red[2][kCombineWarps];
   __shared__ int red_bad[kCombineWarps];
@@ -191,10 +194,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   // and whatever kernel came before it on the stream has ended (every attention block waited
   // for it before triggering this launch). Read after the merge, the signs were one more memory
   // round trip at the end of every call (H100: D = 128 batch 1 S = 1024 6.14 -> 6.05 us,
-  // S = 32768 20.4 -> 20.0, D = 512 S = 32768 42.4 -> 42.2). At D = 256 the same change made
-  // calls 0.6-1.0 us slower (S = 16384 to 65536; cause not found), so there they are read
-  // after the merge as before (kernel notes, step 65).
-  constexpr bool kEarlySigns = D != 256;
+  // S = 32768 20.4 -> 20.0, D = 512 S = 32768 42.4 -> 42.2). At D = 256 the early read was
+  // 0.6-1.0 us slower with 8 splits per warp in flight and is 0.1-0.5 us faster with 9 (kernel
+  // notes, steps 65 and 67; no cause found for either).
   float sg[V];
   auto load_signs = [&] {
     if constexpr (V >= 4) {  // the library's signs: 16-byte aligned
@@ -207,8 +209,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   };
 #pragma unroll
   for (int j = 0; j < V; ++j) sg[j] = 1.0f;
-  if (kEarlySigns && warp == 0 && rotated) load_signs();
-  const float sink_early = kEarlySigns && warp == 0 && sinks ? sinks[h] : 0.0f;
+  if (warp == 0 && rotated) load_signs();
+  const float sink = warp == 0 && sinks ? sinks[h] : 0.0f;
   grid_dependency_wait();
   grid_dependency_trigger();  // the next call's attention blocks may be scheduled now
   const float* ml = part_ml + size_t(row) * nsplit * 2;
@@ -272,7 +274,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   __syncthreads();
   if (warp != 0) return;
   const float log2e = 1.4426950408889634f;
-  const float sink = !sinks ? 0.0f : kEarlySigns ? sink_early : sinks[h];
   float mx = sinks ? sink * log2e : -INFINITY;
   int any_bad = 0;
   for (int i = 0; i < kCombineWarps; ++i) {
@@ -299,7 +300,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   if (rotated) {  // x = s .* (H y) / sqrt(D)
     warp_fwht<V>(y, lane);
     const float norm = rsqrtf(float(D));
-    if constexpr (!kEarlySigns) load_signs();
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] *= norm * sg[j];
   }
