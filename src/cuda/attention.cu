@@ -182,8 +182,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
                    float* lse, uint32_t num_q_heads, uint32_t nsplit, int rotated) {
   constexpr int V = D / 32;
   // Splits per warp in flight: 64 output registers, but at least 9, so that the 33 splits of a
-  // batch-1 call on an H100 (one wave of 132 SMs over 4 or 8 heads) are loaded in one round trip
-  // by the 4 warps (32 at D = 256 and 8 at D = 512 left one split, or 17, for a second trip).
+  // batch-1 call on an H100 (one wave of 132 SMs over 4 or 8 KV heads) are loaded in one round
+  // trip by the 4 warps: 32 a trip at D = 256 and 16 at D = 512 left one split for a second trip,
+  // or 17 for two more (H100: D = 512 0.4-0.9 us faster; kernel notes, step 67).
   constexpr int kBatch = 64 / V < 9 ? 9 : 64 / V;
   __shared__ float part[kCombineWarps][D];
   __shared__ float red[2][kCombineWarps];

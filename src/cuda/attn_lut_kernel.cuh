@@ -550,14 +550,16 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // stored as they are and the threads that add the groups rescale them (group_factors).
   float f0 = 1.0f, f1 = 1.0f;
   float bm0 = -INFINITY, bm1 = -INFINITY;
-  if constexpr (!SEP) {
-    __syncthreads();
-    // One warp per group speaks for it (its slices hold the same maxima and sums).
+  auto block_maxima = [&] {  // one warp per group speaks for it (its slices hold the same maxima)
 #pragma unroll
     for (int w = 0; w < kWarps; w += NS) {
       bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
       bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
     }
+  };
+  if constexpr (!SEP) {
+    __syncthreads();
+    block_maxima();
     f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
     f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
   }
@@ -586,13 +588,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 #pragma unroll
     for (int g = 0; g < G; ++g) fg[g] = fast_exp2(wm[g * NS * kHeadsPerBlock + head] - bmu);
   };
-  if constexpr (SEP) {  // the block's maxima, for the sums below
-#pragma unroll
-    for (int w = 0; w < kWarps; w += NS) {
-      bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
-      bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
-    }
-  }
+  if constexpr (SEP) block_maxima();  // for the sums below
   const size_t head_stride = size_t(p.nsplit) * D;
   float* po = p.part_o + ((size_t(b) * p.num_q_heads + h0) * p.nsplit + split) * D;
   const float nanv = __int_as_float(0x7FC00000);
