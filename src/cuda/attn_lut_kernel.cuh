@@ -563,15 +563,13 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
     f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
   }
-  {  // PACK: lanes t and t^2 hold the same heads and values; both store them
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
-      const int coord = slice * DS + r * (DS / 8) + 2 * i;
-      *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + Lay::mcol(coord)) =
-          make_float2(acc[i][0] * f0, acc[i][2] * f0);
-      *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + Lay::mcol(coord)) =
-          make_float2(acc[i][1] * f1, acc[i][3] * f1);
-    }
+  for (int i = 0; i < S; ++i) {
+    const int coord = slice * DS + r * (DS / 8) + 2 * i;
+    *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + Lay::mcol(coord)) =
+        make_float2(acc[i][0] * f0, acc[i][2] * f0);
+    *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + Lay::mcol(coord)) =
+        make_float2(acc[i][1] * f1, acc[i][3] * f1);
   }
   __syncthreads();
   // SEP: the factor of group g for head `head` (from the block's maximum over the groups').
