@@ -233,7 +233,6 @@ TEST(Cache, InvalidAppendsLeaveTheCacheUnchanged) {
 TEST(Cache, RowsWhoseRotationOverflowsAreRefusedByName) {
   std::mt19937_64 rng(test::fresh_seed());
   const uint32_t hkv = 2;
-  const float fmax = std::numeric_limits<float>::max();
   for (uint32_t d : {64u, 128u, 256u, 512u})
     for (Type t : {Type::tq2, Type::tq3, Type::tq4, Type::tq8, Type::q8_0_had}) {
       Cache c(config(d, hkv, 16, t, t));
@@ -245,12 +244,9 @@ TEST(Cache, RowsWhoseRotationOverflowsAreRefusedByName) {
       // butterflies take inf - inf: the row that was stored as zero before). Such rows at token
       // 1 head 1 and token 2 head 0 of K (the lower one is named) and at token 3 head 0 of V.
       const std::vector<float> sg = core::rotation_signs(c.config().seed, d);
-      const float over = fmax / float(d) * 2.0f;
-      for (uint32_t i = 0; i < d; ++i) {
-        k[(1 * hkv + 1) * d + i] = sg[i] * over * 2.0f;  // the last butterflies: inf - inf
-        k[(2 * hkv + 0) * d + i] = -sg[i] * over;
-        v[(3 * hkv + 0) * d + i] = -sg[i] * over;
-      }
+      test::set_signs_row(k, 1 * hkv + 1, sg, 2.0f);  // the last butterflies: inf - inf
+      test::set_signs_row(k, 2 * hkv + 0, sg, -1.0f);
+      test::set_signs_row(v, 3 * hkv + 0, sg, -1.0f);
       try {
         c.append(0, k, v);
         ADD_FAILURE() << "d " << d << " type " << int(t) << ": an overflowing row was stored";
@@ -270,7 +266,7 @@ TEST(Cache, RowsWhoseRotationOverflowsAreRefusedByName) {
       // The same rows at 0.4 FLT_MAX / d: no partial sum of the transform passes 0.4 FLT_MAX.
       if (t == Type::q8_0_had) continue;  // its f16 block scales hold far less
       std::vector<float> big(hkv * d), small = test::gaussian(hkv * d, rng);
-      for (uint32_t i = 0; i < hkv * d; ++i) big[i] = sg[i % d] * over * 0.2f;
+      for (uint32_t h = 0; h < hkv; ++h) test::set_signs_row(big, h, sg, 0.2f);
       c.append(1, big, small);
       std::vector<float> back(hkv * d);
       c.read(1, 0, 0, 1, back);

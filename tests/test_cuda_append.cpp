@@ -206,7 +206,6 @@ void expect_rejected(tqkv_cache* gpu, const std::vector<uint32_t>& counts, tqkv_
 TEST(CudaAppend, RowsWhoseRotationOverflowsAreRefusedAsOnTheCpu) {
   SKIP_WITHOUT_CUDA();
   std::mt19937_64 rng(tqkv::test::fresh_seed());
-  const float fmax = std::numeric_limits<float>::max();
   const uint32_t hkv = 2;
   for (uint32_t d : {64u, 128u, 256u, 512u})
     for (tqkv_type t : {TQKV_TYPE_TQ2, TQKV_TYPE_TQ3, TQKV_TYPE_TQ4, TQKV_TYPE_TQ8}) {
@@ -222,13 +221,10 @@ TEST(CudaAppend, RowsWhoseRotationOverflowsAreRefusedAsOnTheCpu) {
       // take inf - inf). K: token 1 head 1 and token 2 head 0 (the first is named); V: token 2
       // head 0.
       const std::vector<float> sg = tqkv::core::rotation_signs(cfg.seed, d);
-      const float over = fmax / float(d) * 2.0f;
       auto kb = k, vb = v;
-      for (uint32_t i = 0; i < d; ++i) {
-        kb[(1 * hkv + 1) * d + i] = sg[i] * over * 2.0f;  // the last butterflies: inf - inf
-        kb[(2 * hkv + 0) * d + i] = -sg[i] * over;
-        vb[(2 * hkv + 0) * d + i] = -sg[i] * over;
-      }
+      tqkv::test::set_signs_row(kb, 1 * hkv + 1, sg, 2.0f);  // the last butterflies: inf - inf
+      tqkv::test::set_signs_row(kb, 2 * hkv + 0, sg, -1.0f);
+      tqkv::test::set_signs_row(vb, 2 * hkv + 0, sg, -1.0f);
       EXPECT_EQ(tqkv_cache_append(cpu.get(), 0, 3, TQKV_DTYPE_F32, kb.data(), v.data()), TQKV_ERROR_NON_FINITE);
       const std::string cpu_msg = tqkv_last_error();
       for (const char* needle : {"k: row overflows f32 in the rotation", "at token 1, kv head 1 of sequence 0"})
@@ -239,11 +235,9 @@ TEST(CudaAppend, RowsWhoseRotationOverflowsAreRefusedAsOnTheCpu) {
       expect_rejected(gpu.get(), {3}, TQKV_DTYPE_F32, k.data(), vb.data(), TQKV_ERROR_NON_FINITE,
                       {"v: row of token 2, kv head 0 of sequence 0 overflows f32 in the rotation"});
       // The same rows at 0.4 FLT_MAX / d: no partial sum of the transform passes 0.4 FLT_MAX.
-      for (uint32_t i = 0; i < d; ++i) {
-        kb[(1 * hkv + 1) * d + i] = sg[i] * over * 0.2f;
-        kb[(2 * hkv + 0) * d + i] = k[(2 * hkv + 0) * d + i];
-        vb[(2 * hkv + 0) * d + i] = -sg[i] * over * 0.2f;
-      }
+      tqkv::test::set_signs_row(kb, 1 * hkv + 1, sg, 0.2f);
+      std::copy_n(k.begin() + (2 * hkv + 0) * d, d, kb.begin() + (2 * hkv + 0) * d);
+      tqkv::test::set_signs_row(vb, 2 * hkv + 0, sg, -0.2f);
       ASSERT_EQ(tqkv_cache_append(cpu.get(), 0, 2, TQKV_DTYPE_F32, kb.data() + hkv * d, vb.data() + hkv * d), TQKV_OK)
           << tqkv_last_error();
       ASSERT_EQ(tqkv_cache_append(gpu.get(), 0, 2, TQKV_DTYPE_F32, kb.data() + hkv * d, vb.data() + hkv * d), TQKV_OK)

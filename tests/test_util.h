@@ -27,6 +27,16 @@ inline std::vector<float> gaussian(size_t n, std::mt19937_64& rng, float sigma =
 }
 
 // ||a - b|| / ||b||
+// Sets row `row` of `rows` (rows of d = signs.size() floats) to f (2 FLT_MAX / d) times the
+// rotation's signs: the norm stays finite, but the unnormalized transform's first coordinate is
+// 2 f FLT_MAX (|f| = 1: inf; |f| = 2: the last butterflies take inf - inf = NaN; |f| <= 0.2: no
+// partial sum of the transform passes 0.4 FLT_MAX, so the row is representable).
+inline void set_signs_row(std::vector<float>& rows, size_t row, const std::vector<float>& signs, float f) {
+  const size_t d = signs.size();
+  const float over = std::numeric_limits<float>::max() / float(d) * 2.0f;
+  for (size_t i = 0; i < d; ++i) rows[row * d + i] = signs[i] * over * f;
+}
+
 inline double rel_err(const float* a, const float* b, size_t n) {
   double e = 0, r = 0;
   for (size_t i = 0; i < n; ++i) {
