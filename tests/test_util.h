@@ -26,7 +26,6 @@ inline std::vector<float> gaussian(size_t n, std::mt19937_64& rng, float sigma =
   return v;
 }
 
-// ||a - b|| / ||b||
 // Sets row `row` of `rows` (rows of d = signs.size() floats) to f (2 FLT_MAX / d) times the
 // rotation's signs: the norm stays finite, but the unnormalized transform's first coordinate is
 // 2 f FLT_MAX (|f| = 1: inf; |f| = 2: the last butterflies take inf - inf = NaN; |f| <= 0.2: no
@@ -37,6 +36,7 @@ inline void set_signs_row(std::vector<float>& rows, size_t row, const std::vecto
   for (size_t i = 0; i < d; ++i) rows[row * d + i] = signs[i] * over * f;
 }
 
+// ||a - b|| / ||b||
 inline double rel_err(const float* a, const float* b, size_t n) {
   double e = 0, r = 0;
   for (size_t i = 0; i < n; ++i) {

@@ -199,7 +199,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   // 0.6-1.0 us slower with 8 splits per warp in flight and is 0.1-0.5 us faster with 9 (kernel
   // notes, steps 65 and 67; no cause found for either).
   float sg[V];
-  auto load_signs = [&] {
+#pragma unroll
+  for (int j = 0; j < V; ++j) sg[j] = 1.0f;
+  if (warp == 0 && rotated) {
     if constexpr (V >= 4) {  // the library's signs: 16-byte aligned
 #pragma unroll
       for (int j = 0; j < V; j += 4) load4(signs + lane * V + j, sg + j);
@@ -207,10 +209,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
 #pragma unroll
       for (int j = 0; j < V; ++j) sg[j] = signs[lane * V + j];
     }
-  };
-#pragma unroll
-  for (int j = 0; j < V; ++j) sg[j] = 1.0f;
-  if (warp == 0 && rotated) load_signs();
+  }
   const float sink = warp == 0 && sinks ? sinks[h] : 0.0f;
   grid_dependency_wait();
   grid_dependency_trigger();  // the next call's attention blocks may be scheduled now
