@@ -279,8 +279,9 @@ TEST(CudaAttention, KeyCenteringAndF16Scales) {
   }
 }
 
-// D = 256 and 512 on the 4-bit pair: each row is split over 2 or 4 warps that add their partial
-// scores (the table-lookup kernel's slices). Long enough (>= 8192) that pick() takes that kernel
+// D = 256 and 512 on the 4-bit pair: each row is split over 2 warps that add their partial
+// scores (the table-lookup kernel's slices), or at D = 256 with at most 2 heads per KV head taken
+// whole in two halves (WideHeadsInHalves below). Long enough (>= 8192) that pick() takes that kernel
 // for 8 heads per KV head too; lengths that are not multiples of a chunk, a group's step or a split.
 TEST(CudaAttention, WideHeadsSplitOverWarps) {
   SKIP_WITHOUT_GPU();
@@ -310,6 +311,38 @@ TEST(CudaAttention, WideHeadsSplitOverWarps) {
     c.mask = Mask::window;
     c.window = c.cap - 7;
     run(c);
+  }
+}
+
+// D = 256 with one or two query heads per KV head: the table-lookup kernel takes whole rows,
+// 8 per step, each row's two halves in the mma's 16 rows (TWIN). Every option that touches its
+// own code: ring slots that wrap inside a step, softcap, sinks, key centering, f16 scales,
+// masks with query positions, and lengths that end inside a step of 8 rows.
+TEST(CudaAttention, WideHeadsInHalves) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  for (uint32_t g : {1u, 2u}) {
+    Case c;
+    c.d = 256;
+    c.hkv = 3;
+    c.g = g;
+    c.lens = {int64_t(2000 + rng() % 1000), 3, int64_t(8 + rng() % 8), 1, 13};
+    c.mask = Mask::causal;
+    c.random_qpos = true;
+    c.sinks = true;
+    c.softcap = g == 1 ? 0.5f : 25.0f;
+    c.center = true;
+    c.f16_scale = g == 2;
+    run(c);
+    Case w;
+    w.d = 256;
+    w.g = g;
+    w.ring = true;
+    w.cap = 1003;  // not a multiple of 8: steps of 8 rows wrap inside
+    w.lens = {int64_t(w.cap) * 5 + 11, 0, 501};
+    w.mask = Mask::window;
+    w.window = w.cap - 5;
+    run(w);
   }
 }
 

@@ -43,6 +43,7 @@ constexpr int kRows = 16;                       // rows per warp step (the mma's
 constexpr int kTableBytes = 256 * 256;
 constexpr int kMinRowsPerSplit = kWarps * kRows;  // every group (every warp at D <= 128) gets a chunk
 constexpr uint32_t kPackMaxHeads = 4;  // query heads per KV head up to which PACK applies
+constexpr uint32_t kTwinMaxHeads = 2;  // and TWIN (D = 256; see Layout)
 
 // Heads wider than 128 are cut into slices, one warp per slice: the NS warps of a group take the
 // same rows, add their partial scores through shared memory (one named barrier per chunk) and
@@ -62,10 +63,18 @@ constexpr int kSlice = D <= 128 ? D : D == 512 ? 256 : 128;
 // D = 256 the single-barrier merge spilled 16 bytes.)
 template <int D, bool PACK>
 constexpr bool kSepMerge = PACK && D <= 128;
-template <int D, bool SEP = false>
+// TWIN (D = 256, at most 2 query heads per block): a warp takes whole rows, 8 per step, and
+// the mma's 16 rows are each row's two halves of 128 coordinates (rows r and r + 8 of the
+// fragments: row r's halves). The query's columns are then (lo part, head, half), so of the
+// four scores a lane's QK fragment holds, two are a row's halves against their own half of the
+// query (added in registers) and two are cross terms left unused; PV gives each half its own
+// columns by zeroing the other half's weights. A warp's chunk is then the packed D = 128 chunk
+// (2 KB, the same registers and mma count) with no partial scores through shared memory and no
+// barrier per chunk, where slices of 128 (below) need both.
+template <int D, bool SEP = false, bool TWIN = false>
 struct Layout {
-  static constexpr int DS = kSlice<D>;                  // coordinates per warp
-  static constexpr int NS = D / DS;                     // warps per group (slices of a row)
+  static constexpr int DS = TWIN ? D / 2 : kSlice<D>;   // coordinates per warp (TWIN: per half)
+  static constexpr int NS = TWIN ? 1 : D / DS;          // warps per group (slices of a row)
   static constexpr int kGroups = kWarps / NS;           // groups: each streams its own chunks
   static constexpr int kSteps = DS / 16;                // QK k-steps = PV m-tiles of a slice
   // Merge buffer [group][head][column]. D >= 128: coordinate c sits at column mcol(c), four
@@ -170,10 +179,12 @@ __device__ __forceinline__ float4 lds128(uint32_t a) {
 // heads in columns 0-3 and their lo parts in columns 4-7, so QK and PV take one mma per step
 // instead of two (hi and lo), and lanes t and t^2 add their halves with one shuffle. With 4 or
 // fewer heads those columns were zero padding.
-template <int D, int MINB, bool SF16, bool PACK>
+template <int D, int MINB, bool SF16, bool PACK, bool TWIN = false>
 __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
+  static_assert(!TWIN || (PACK && D == 256), "TWIN: D = 256 with packed heads");
   constexpr bool SEP = kSepMerge<D, PACK>;
-  using Lay = Layout<D, SEP>;
+  using Lay = Layout<D, SEP, TWIN>;
+  constexpr int R = TWIN ? kRows / 2 : kRows;  // rows per warp step
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
   using Ch = Chunk<DS>;
   constexpr int S = Lay::kSteps;
@@ -222,15 +233,15 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // step 63).
   if constexpr (D >= 256) {
     if (slice == 0 && p.prefetch) {
-      const Slice g = split_slice<true>(p, b, split, kRows);
+      const Slice g = split_slice<true>(p, b, split, R);
       // row_base below, again: computing that one here, before the wait, changed the compiled kernels.
       const int64_t base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
-      constexpr int kLines = D / 16;  // 128-byte lines of a chunk's 16 rows of D/2 bytes
+      constexpr int kLines = R * D / 256;  // 128-byte lines of a chunk's R rows of D/2 bytes
       for (int c = 0; c < 2; ++c) {
-        const int64_t rel = int64_t(grp + c * G) * kRows;
+        const int64_t rel = int64_t(grp + c * G) * R;
         if (g.lo + rel >= g.hi) break;
         const int64_t s0 = p.ring ? (g.lo + rel) % int64_t(p.capacity) : g.lo + rel;
-        if (s0 + kRows > int64_t(p.capacity)) continue;  // wraps (the next chunk may not), or not stored
+        if (s0 + R > int64_t(p.capacity)) continue;  // wraps (the next chunk may not), or not stored
         const uint8_t* kc = p.k_data + (base + s0) * (D / 2);
         const uint8_t* vc = p.v_data + (base + s0) * (D / 2);
         for (int i = lane; i < kLines; i += 32) {
@@ -238,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
           asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + 128 * i));
         }
         if (lane < 2) {  // the scales of rows s0 and s0 + 15 (at most two lines)
-          const int64_t at = (base + s0 + 15 * lane) * kss;
+          const int64_t at = (base + s0 + (R - 1) * lane) * kss;
           const uint8_t* ks = static_cast<const uint8_t*>(p.k_scales) + at;
           const uint8_t* vs = static_cast<const uint8_t*>(p.v_scales) + at;
           asm volatile("prefetch.global.L2 [%0];" ::"l"(ks));
@@ -259,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   query_load<D>(p, b, hkv_idx, h0, nh, warp, lane, qin);
 
   // ---- this split's slice of the visible positions (16-row multiples) ----
-  const Slice sl = split_slice(p, b, split, kRows);
+  const Slice sl = split_slice(p, b, split, R);
   const int64_t my_lo = sl.lo, my_hi = sl.hi;
   const bool bad = sl.bad;
   const int64_t row_base = (int64_t(b) * p.hkv + hkv_idx) * p.capacity;
@@ -276,27 +287,32 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // Positions are counted from my_lo in 32 bits (a split holds far fewer than 2^31 rows).
   const int n_my = int(max(my_hi - my_lo, int64_t(0)));
 
+  // Fragment rows r + 8 (K) and 2t + 8, 2t + 9 (V): 8 rows further, or (TWIN) the same rows'
+  // second halves.
+  constexpr int kHi = TWIN ? DS / 2 : 8 * KS, vHi = TWIN ? DS / 2 : 8 * VS;
   // Loads the chunk at split offset rel (slot s0). Full chunks that do not wrap take fixed
   // offsets from one pointer per plane; others clamp rows past the slice to its last row
   // (finite data, weight 0) and wrap each row on its own.
   auto load = [&](Ch& c, int rel, uint32_t s0) {
-    if (rel + kRows <= n_my && (!p.ring || s0 + kRows <= cap)) {
+    if (rel + R <= n_my && (!p.ring || s0 + R <= cap)) {
       const uint8_t* kp = kl + size_t(s0 + r) * KS;
       const uint8_t* vp = vl + size_t(s0 + 2 * t) * VS;
       ldg_words<Ch::KW>(kp, c.k[0]);
-      ldg_words<Ch::KW>(kp + 8 * KS, c.k[1]);
+      ldg_words<Ch::KW>(kp + kHi, c.k[1]);
       ldg_words<Ch::VW>(vp, c.v[0]);
       ldg_words<Ch::VW>(vp + VS, c.v[1]);
-      ldg_words<Ch::VW>(vp + 8 * VS, c.v[2]);
-      ldg_words<Ch::VW>(vp + 9 * VS, c.v[3]);
+      ldg_words<Ch::VW>(vp + vHi, c.v[2]);
+      ldg_words<Ch::VW>(vp + vHi + VS, c.v[3]);
       // Row r + 8 as an immediate offset from row r's address: written as size_t(s0 + r + 8),
       // the 32-bit sum may wrap, so the compiler built a second address per plane.
       const uint8_t* knp = knl + size_t(s0 + r) * kss;
       const uint8_t* vnp = vnl + size_t(s0 + r) * vss;
       c.kn[0] = ldg_scale<SF16>(knp);
-      c.kn[1] = ldg_scale<SF16>(knp + 8 * kss);
       c.vn[0] = ldg_scale<SF16>(vnp);
-      c.vn[1] = ldg_scale<SF16>(vnp + 8 * vss);
+      if constexpr (!TWIN) {  // TWIN: a lane's weights are for row r alone
+        c.kn[1] = ldg_scale<SF16>(knp + 8 * kss);
+        c.vn[1] = ldg_scale<SF16>(vnp + 8 * vss);
+      }
       return;
     }
     const int last = n_my - 1 - rel;
@@ -306,21 +322,24 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         while (sx >= cap) sx -= cap;
       return sx;
     };
-    const uint32_t sr0 = slot(r), sr1 = slot(r + 8);
+    constexpr int kRow8 = TWIN ? 0 : 8;  // fragment row r + 8 is row r + kRow8, at kHi - kRow8 * KS
+    const uint32_t sr0 = slot(r), sr1 = slot(r + kRow8);
     ldg_words<Ch::KW>(kl + size_t(sr0) * KS, c.k[0]);
-    ldg_words<Ch::KW>(kl + size_t(sr1) * KS, c.k[1]);
-    const int vx[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+    ldg_words<Ch::KW>(kl + size_t(sr1) * KS + (kHi - kRow8 * KS), c.k[1]);
+    const int vx[4] = {2 * t, 2 * t + 1, 2 * t + kRow8, 2 * t + kRow8 + 1};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ldg_words<Ch::VW>(vl + size_t(slot(vx[i])) * VS, c.v[i]);
+    for (int i = 0; i < 4; ++i) ldg_words<Ch::VW>(vl + size_t(slot(vx[i])) * VS + (i >= 2 ? vHi - kRow8 * VS : 0), c.v[i]);
     c.kn[0] = ldg_scale<SF16>(knl + size_t(sr0) * kss);
-    c.kn[1] = ldg_scale<SF16>(knl + size_t(sr1) * kss);
     c.vn[0] = ldg_scale<SF16>(vnl + size_t(sr0) * vss);
-    c.vn[1] = ldg_scale<SF16>(vnl + size_t(sr1) * vss);
+    if constexpr (!TWIN) {
+      c.kn[1] = ldg_scale<SF16>(knl + size_t(sr1) * kss);
+      c.vn[1] = ldg_scale<SF16>(vnl + size_t(sr1) * vss);
+    }
   };
 
   // First chunk's loads go out before the prologue. The warps of a group take the same chunks.
-  constexpr int step = G * kRows;
-  int rel = grp * kRows;
+  constexpr int step = G * R;
+  int rel = grp * R;
   uint32_t s0 = p.ring ? uint32_t((my_lo + rel) % int64_t(cap)) : uint32_t(my_lo + rel);
   Ch cur, nxt;
   if (rel < n_my) load(cur, rel, s0);
@@ -334,21 +353,24 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // shared memory per k-step. PACK: column r >= 4 is the lo part of head r - 4, which the
   // prologue stored at lane - 16.
   constexpr bool kQHi = DS <= 128, kQLo = DS <= 64 && !PACK;
-  const int qlane = PACK && r >= 4 ? lane - 16 : lane;
+  // TWIN: column r is (lo part, head, half) = (r >> 2, (r >> 1) & 1, r & 1), the head's half
+  // laid out as a slice of 128 (query_finish with DS = 128: half j's k-steps are 8j ..).
+  const int qlane = TWIN ? ((r >> 1) & 1) * 4 + t : PACK && r >= 4 ? lane - 16 : lane;
   const int qhalf = PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
   // This slice's k-steps: slice * S + s, where (slice * S + s) & 7 == s & 7 (slice is 0 with one
   // slice, else S is a multiple of 8), so qslot(s, .) indexes from q4.
   static_assert(NS == 1 || S % 8 == 0, "q_hl swizzle per slice");
-  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl) + slice * S * 32;
+  const uint4* q4 = reinterpret_cast<const uint4*>(q_hl) + (TWIN ? (r & 1) : slice) * S * 32;
 #pragma unroll
   for (int s = 0; s < S; ++s) {
     const uint4 v = q4[qslot<kQSwz>(s, qlane)];
     if constexpr (kQHi) qhi[kQHi ? s : 0] = qhalf ? make_uint2(v.z, v.w) : make_uint2(v.x, v.y);
     if constexpr (kQLo) qlo[kQLo ? s : 0] = make_uint2(v.z, v.w);
   }
-  // Heads of this lane's C fragment columns (PACK: lanes t and t^2 hold the same heads).
-  const int hd = PACK ? 2 * (t & 1) : 2 * t;
+  // Heads of this lane's C fragment columns (PACK: lanes t and t^2 hold the same heads; TWIN:
+  // one head, both halves).
+  const int hd = TWIN ? (t & 1) : PACK ? 2 * (t & 1) : 2 * t;
   const float log2e = 1.4426950408889634f;
   const bool capped = p.softcap > 0.0f;
   // Scores come out in log2 units: without a softcap log2(e) is folded into the query's unscale
@@ -403,87 +425,127 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         mma16816(cc[ch + 1], a, ql.x, ql.y);
       }
     }
-    // x: rows r, r+8 x heads hd, hd+1 (C fragment order), in log2 units.
-    float dotv[4];
+    // B fragments of the weights (f16 hi, and lo without PACK) for the PV mma.
+    uint32_t b_hi0, b_hi1, b_lo0 = 0u, b_lo1 = 0u;
+    if constexpr (TWIN) {
+      // C fragment entry 0 is row r's first half against column 2t (its head's first half),
+      // entry 3 its second half against column 2t + 1; entries 1 and 2 are the cross terms.
+      float dot = (cc[0][0] + cc[1][0]) + (cc[0][3] + cc[1][3]);
+      dot += __shfl_xor_sync(0xFFFFFFFFu, dot, 2);  // hi columns + lo columns
+      float x = fmaf(dot, qun0 * c.kn[0], bias0);
+      if (capped) x = p.softcap * tanhf(x / p.softcap) * log2e;
+      if (rel + r >= n_my) x = -INFINITY;
+      // Online softmax as below, for one score per lane (lanes t and t^2 hold the same).
+      if (__any_sync(0xFFFFFFFFu, x > m0)) {
+        float cm = x;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      dotv[e] = cc[0][e] + cc[1][e];
-      if constexpr (kChains == 4) dotv[e] += cc[2][e] + cc[3][e];
-      if constexpr (PACK) dotv[e] += __shfl_xor_sync(0xFFFFFFFFu, dotv[e], 2);  // hi columns + lo columns
-    }
-    if constexpr (NS > 1) {
-      // The group's slices add up in one fixed order, so its warps hold bit-identical scores and
-      // take identical softmax decisions (the merge uses one warp's maxima and sums per group).
-      // Two buffers by chunk parity: a warp can rewrite one only after the next barrier, which
-      // every warp of the group passes after reading it.
-      sts128(xw, make_float4(dotv[0], dotv[1], dotv[2], dotv[3]));
-      group_barrier<G>(grp, NS * 32);
-      const uint32_t x0 = xw - uint32_t(slice) * kXWarp;
-      float4 sum = lds128(x0);
+        for (int o = 4; o < 32; o <<= 1) cm = fmaxf(cm, __shfl_xor_sync(0xFFFFFFFFu, cm, o));
+        const float mn = fmaxf(m0, cm);
+        mu0 = mn == -INFINITY ? 0.0f : mn;
+        const float al = fast_exp2(m0 - mu0);
+        l0 *= al;
 #pragma unroll
-      for (int j = 1; j < NS; ++j) {
-        const float4 o = lds128(x0 + uint32_t(j) * kXWarp);
-        sum.x += o.x;
-        sum.y += o.y;
-        sum.z += o.z;
-        sum.w += o.w;
+        for (int i = 0; i < S; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][e] *= al;
+        m0 = mn;
       }
-      dotv[0] = sum.x;
-      dotv[1] = sum.y;
-      dotv[2] = sum.z;
-      dotv[3] = sum.w;
-      xw += xflip;
-      xflip = 0u - xflip;
-    }
-    float x[4];
+      const float pr = fast_exp2(x - mu0);
+      l0 += pr;
+      // Row r's weight in column 2t (the first half's rows, B rows 0-7) and 2t + 1 (the
+      // second half's, B rows 8-15); the other half's column is 0. Lanes t >= 2: lo parts.
+      uint32_t whi, wlo;
+      split_half2(pr * (c.vn[0] * vmul), 0.0f, whi, wlo);
+      const uint32_t w = t >= 2 ? wlo : whi;
+      b_hi0 = transpose8x8(w);
+      b_hi1 = transpose8x8(w << 16);
+    } else {
+      // x: rows r, r+8 x heads hd, hd+1 (C fragment order), in log2 units.
+      float dotv[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * c.kn[e >> 1], e & 1 ? bias1 : bias0);
-    if (capped)  // one branch for the chunk's four scores
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
-    if (rel + kRows > n_my) {
-      if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
-      if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
-    }
-    // ---- online softmax over the chunk (lanes sharing t hold heads hd, hd+1) ----
-    float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
-    // The maxima are reduced across the rows' lanes and the output rescaled only when some
-    // lane's score exceeds its head's maximum (rare after the first chunks): a lane's own
-    // scores exceed m exactly when the reduced maximum would, so the decisions and values are
-    // those of reducing every chunk, without its three shuffle rounds on the chunk's path.
-    if (__any_sync(0xFFFFFFFFu, cm0 > m0 || cm1 > m1)) {
-      rows_max(cm0, cm1);
-      const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
-      mu0 = mn0 == -INFINITY ? 0.0f : mn0;
-      mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-      const float al0 = fast_exp2(m0 - mu0);
-      const float al1 = fast_exp2(m1 - mu1);
-      l0 *= al0;
-      l1 *= al1;
-#pragma unroll
-      for (int i = 0; i < S; ++i) {
-        acc[i][0] *= al0;
-        acc[i][1] *= al1;
-        acc[i][2] *= al0;
-        acc[i][3] *= al1;
+      for (int e = 0; e < 4; ++e) {
+        dotv[e] = cc[0][e] + cc[1][e];
+        if constexpr (kChains == 4) dotv[e] += cc[2][e] + cc[3][e];
+        if constexpr (PACK) dotv[e] += __shfl_xor_sync(0xFFFFFFFFu, dotv[e], 2);  // hi columns + lo columns
       }
-      m0 = mn0;
-      m1 = mn1;
+      if constexpr (NS > 1) {
+        // The group's slices add up in one fixed order, so its warps hold bit-identical scores and
+        // take identical softmax decisions (the merge uses one warp's maxima and sums per group).
+        // Two buffers by chunk parity: a warp can rewrite one only after the next barrier, which
+        // every warp of the group passes after reading it.
+        sts128(xw, make_float4(dotv[0], dotv[1], dotv[2], dotv[3]));
+        group_barrier<G>(grp, NS * 32);
+        const uint32_t x0 = xw - uint32_t(slice) * kXWarp;
+        float4 sum = lds128(x0);
+#pragma unroll
+        for (int j = 1; j < NS; ++j) {
+          const float4 o = lds128(x0 + uint32_t(j) * kXWarp);
+          sum.x += o.x;
+          sum.y += o.y;
+          sum.z += o.z;
+          sum.w += o.w;
+        }
+        dotv[0] = sum.x;
+        dotv[1] = sum.y;
+        dotv[2] = sum.z;
+        dotv[3] = sum.w;
+        xw += xflip;
+        xflip = 0u - xflip;
+      }
+      float x[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * c.kn[e >> 1], e & 1 ? bias1 : bias0);
+      if (capped)  // one branch for the chunk's four scores
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
+      if (rel + R > n_my) {
+        if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
+        if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
+      }
+      // ---- online softmax over the chunk (lanes sharing t hold heads hd, hd+1) ----
+      float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
+      // The maxima are reduced across the rows' lanes and the output rescaled only when some
+      // lane's score exceeds its head's maximum (rare after the first chunks): a lane's own
+      // scores exceed m exactly when the reduced maximum would, so the decisions and values are
+      // those of reducing every chunk, without its three shuffle rounds on the chunk's path.
+      if (__any_sync(0xFFFFFFFFu, cm0 > m0 || cm1 > m1)) {
+        rows_max(cm0, cm1);
+        const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
+        mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+        mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float al0 = fast_exp2(m0 - mu0);
+        const float al1 = fast_exp2(m1 - mu1);
+        l0 *= al0;
+        l1 *= al1;
+#pragma unroll
+        for (int i = 0; i < S; ++i) {
+          acc[i][0] *= al0;
+          acc[i][1] *= al1;
+          acc[i][2] *= al0;
+          acc[i][3] *= al1;
+        }
+        m0 = mn0;
+        m1 = mn1;
+      }
+      const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
+      l0 += pr[0] + pr[2];
+      l1 += pr[1] + pr[3];
+      // Weights with the V row scale folded in, f16 hi + lo, transposed into B fragments.
+      const float vs0 = c.vn[0] * vmul, vs1 = c.vn[1] * vmul;
+      uint32_t top_hi, top_lo, bot_hi, bot_lo;
+      split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
+      split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
+      if constexpr (PACK) {  // columns 4-7 (lanes t >= 2) take the lo parts
+        top_hi = t >= 2 ? top_lo : top_hi;
+        bot_hi = t >= 2 ? bot_lo : bot_hi;
+      }
+      b_hi0 = transpose8x8(top_hi);
+      b_hi1 = transpose8x8(bot_hi);
+      if constexpr (!PACK) {
+        b_lo0 = transpose8x8(top_lo);
+        b_lo1 = transpose8x8(bot_lo);
+      }
     }
-    const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
-    l0 += pr[0] + pr[2];
-    l1 += pr[1] + pr[3];
-    // Weights with the V row scale folded in, f16 hi + lo, transposed into B fragments.
-    const float vs0 = c.vn[0] * vmul, vs1 = c.vn[1] * vmul;
-    uint32_t top_hi, top_lo, bot_hi, bot_lo;
-    split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
-    split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
-    if constexpr (PACK) {  // columns 4-7 (lanes t >= 2) take the lo parts
-      top_hi = t >= 2 ? top_lo : top_hi;
-      bot_hi = t >= 2 ? bot_lo : bot_hi;
-    }
-    const uint32_t b_hi0 = transpose8x8(top_hi), b_hi1 = transpose8x8(bot_hi);
-    const uint32_t b_lo0 = PACK ? 0u : transpose8x8(top_lo), b_lo1 = PACK ? 0u : transpose8x8(bot_lo);
     // ---- PV: nibbles of rows (2t, 2t+1) and (2t+8, 2t+9) merged per coordinate ----
 #pragma unroll
     for (int w = 0; w < Ch::VW; ++w) {
@@ -539,9 +601,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   rows_sum(l0, l1);
   if (r == 0) {
     wm[warp * kHeadsPerBlock + hd] = m0;
-    wm[warp * kHeadsPerBlock + hd + 1] = m1;
     wl[warp * kHeadsPerBlock + hd] = l0;
-    wl[warp * kHeadsPerBlock + hd + 1] = l1;
+    if constexpr (!TWIN) {
+      wm[warp * kHeadsPerBlock + hd + 1] = m1;
+      wl[warp * kHeadsPerBlock + hd + 1] = l1;
+    }
   }
   constexpr int MH = Lay::kMergeHeads;
   float* mw = merge + grp * MH * Lay::kHeadStride;
@@ -554,21 +618,23 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 #pragma unroll
     for (int w = 0; w < kWarps; w += NS) {
       bm0 = fmaxf(bm0, wm[w * kHeadsPerBlock + hd]);
-      bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
+      if constexpr (!TWIN) bm1 = fmaxf(bm1, wm[w * kHeadsPerBlock + hd + 1]);
     }
   };
   if constexpr (!SEP) {
     __syncthreads();
     block_maxima();
     f0 = fast_exp2(m0 - (bm0 == -INFINITY ? 0.0f : bm0));
-    f1 = fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
+    f1 = TWIN ? f0 : fast_exp2(m1 - (bm1 == -INFINITY ? 0.0f : bm1));
   }
+  // Columns 2t + 1 hold head hd + 1, or (TWIN) head hd's second half.
+  const int hd1 = TWIN ? hd : hd + 1, c1 = TWIN ? DS : 0;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     const int coord = slice * DS + r * (DS / 8) + 2 * i;
     *reinterpret_cast<float2*>(mw + hd * Lay::kHeadStride + Lay::mcol(coord)) =
         make_float2(acc[i][0] * f0, acc[i][2] * f0);
-    *reinterpret_cast<float2*>(mw + (hd + 1) * Lay::kHeadStride + Lay::mcol(coord)) =
+    *reinterpret_cast<float2*>(mw + hd1 * Lay::kHeadStride + Lay::mcol(coord + c1)) =
         make_float2(acc[i][1] * f1, acc[i][3] * f1);
   }
   __syncthreads();
@@ -624,7 +690,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // The block's sums, by the lanes that already hold its maxima for heads hd, hd+1.
   if (warp == 0 && r == 0 && (!PACK || t < 2))
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
+    for (int e = 0; e < (TWIN ? 1 : 2); ++e) {
       const int head = hd + e;
       if (head >= nh) continue;
       const float bm = e ? bm1 : bm0, bmu = bm == -INFINITY ? 0.0f : bm;
@@ -645,9 +711,15 @@ template <int D>
 void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
   constexpr int MB = kMinBlocks<D>;
   const bool pack = p.group <= kPackMaxHeads;  // one head chunk of at most 4 heads
-  const int bytes = std::max(pack ? Layout<D, kSepMerge<D, true>>::kBytes : Layout<D>::kBytes, p.smem_floor);
+  int bytes = std::max(pack ? Layout<D, kSepMerge<D, true>>::kBytes : Layout<D>::kBytes, p.smem_floor);
   auto* kernel = pack ? (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true> : attn_lut_kernel<D, MB, false, true>)
                       : (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, false> : attn_lut_kernel<D, MB, false, false>);
+  if constexpr (D == 256) {
+    if (p.group <= kTwinMaxHeads) {
+      bytes = std::max(Layout<D, false, true>::kBytes, p.smem_floor);
+      kernel = p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true, true> : attn_lut_kernel<D, MB, false, true, true>;
+    }
+  }
   TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
 }
@@ -658,7 +730,8 @@ int blocks_per_sm() {
   static const int n = [] {
     // The packed variant's separate merge buffer makes it the larger; the split count must fill
     // the slots of whichever variant a call launches.
-    constexpr int bytes = std::max(Layout<D>::kBytes, Layout<D, kSepMerge<D, true>>::kBytes);
+    constexpr int bytes = std::max({Layout<D>::kBytes, Layout<D, kSepMerge<D, true>>::kBytes,
+                                    D == 256 ? Layout<D, false, true>::kBytes : 0});
     auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false, false>;
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int k = 0;
