@@ -56,13 +56,14 @@ template <int D>
 constexpr int kSlice = D <= 128 ? D : D == 512 ? 256 : 128;
 
 // SEP: the merge buffer has its own region after the tables, for blocks of at most
-// kPackMaxHeads heads (PACK) up to D = 128, where it is small enough for two blocks to share an
-// SM still; the warps then store their outputs into it as soon as their loops end and the block
-// merges them after a single barrier. Without SEP it reuses the tables' region (8 heads: 50 KB
-// at D = 128), which every warp must be done with first, so the merge takes two barriers. (At
-// D = 256 the single-barrier merge spilled 16 bytes.)
-template <int D, bool PACK>
-constexpr bool kSepMerge = PACK && D <= 128;
+// kPackMaxHeads heads (PACK) up to D = 128 and of kTwinMaxHeads with TWIN, where it is small
+// enough for two blocks to share an SM still; the warps then store their outputs into it as
+// soon as their loops end and the block merges them after a single barrier (TWIN: 0.3-0.4 us
+// off a call, H100). Without SEP it reuses the tables' region (8 heads: 50 KB at D = 128),
+// which every warp must be done with first, so the merge takes two barriers. (At D = 256 in
+// slices the single-barrier merge spilled 16 bytes.)
+template <int D, bool PACK, bool TWIN = false>
+constexpr bool kSepMerge = PACK && (D <= 128 || TWIN);
 // TWIN (D = 256, at most 2 query heads per block): a warp takes whole rows, 8 per step, and
 // the mma's 16 rows are each row's two halves of 128 coordinates (rows r and r + 8 of the
 // fragments: row r's halves). The query's columns are then (lo part, head, half), so of the
@@ -91,7 +92,7 @@ struct Layout {
   static constexpr int kHeadStride = kPadRuns ? D + (D / kRun) * 4 + 4 : D + 8;
   __host__ __device__ static constexpr int mcol(int c) { return kPadRuns ? c + (c / kRun) * 4 : c; }
   static_assert(!kPadRuns || (kRun % 4 == 0 && kHeadStride % 32 == 4), "merge layout");
-  static constexpr int kMergeHeads = SEP ? int(kPackMaxHeads) : kHeadsPerBlock;
+  static constexpr int kMergeHeads = SEP ? int(TWIN ? kTwinMaxHeads : kPackMaxHeads) : kHeadsPerBlock;
   static constexpr int kMerge = kGroups * kMergeHeads * kHeadStride * 4;
   static constexpr int kMergeAt = SEP ? kTableBytes : 0;  // byte offset of the merge buffer
   static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
@@ -182,7 +183,7 @@ __device__ __forceinline__ float4 lds128(uint32_t a) {
 template <int D, int MINB, bool SF16, bool PACK, bool TWIN = false>
 __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
   static_assert(!TWIN || (PACK && D == 256), "TWIN: D = 256 with packed heads");
-  constexpr bool SEP = kSepMerge<D, PACK>;
+  constexpr bool SEP = kSepMerge<D, PACK, TWIN>;
   using Lay = Layout<D, SEP, TWIN>;
   constexpr int R = TWIN ? kRows / 2 : kRows;  // rows per warp step
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
@@ -716,7 +717,7 @@ void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl)
                       : (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, false> : attn_lut_kernel<D, MB, false, false>);
   if constexpr (D == 256) {
     if (p.group <= kTwinMaxHeads) {
-      bytes = std::max(Layout<D, false, true>::kBytes, p.smem_floor);
+      bytes = std::max(Layout<D, true, true>::kBytes, p.smem_floor);
       kernel = p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true, true> : attn_lut_kernel<D, MB, false, true, true>;
     }
   }
@@ -731,7 +732,7 @@ int blocks_per_sm() {
     // The packed variant's separate merge buffer makes it the larger; the split count must fill
     // the slots of whichever variant a call launches.
     constexpr int bytes = std::max({Layout<D>::kBytes, Layout<D, kSepMerge<D, true>>::kBytes,
-                                    D == 256 ? Layout<D, false, true>::kBytes : 0});
+                                    D == 256 ? Layout<D, true, true>::kBytes : 0});
     auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false, false>;
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int k = 0;
