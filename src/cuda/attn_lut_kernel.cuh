@@ -1,5 +1,5 @@
 // Decode attention for 4-bit TurboQuant K and V (head_dim 64-512) with no shared-memory
-// staging and no per-tile block barriers: every warp streams its own 16-row chunks from global
+// staging and no per-tile block barriers: every warp streams its own chunks (16 rows; 8 with TWIN) from global
 // memory straight into registers, in the byte order the mma fragments want, and keeps its own
 // running max, sum and output; the block merges its warps once at the end.
 //
@@ -20,6 +20,9 @@
 //       the (row 2t, row 2t+1) pair the fragment wants. M-tile i, row m = r is coordinate
 //       r*D/8 + 2i, m = r+8 is r*D/8 + 2i + 1. B = the weights, transposed in registers with
 //       movmatrix.
+//   TWIN (D = 256 with at most 2 heads, see Layout): the same with D = 128 per half, 8 rows a
+//   step, and fragment rows r + 8 (K) and 2t + 8, 2t + 9 (V) the second halves of rows r and
+//   2t, 2t + 1.
 #pragma once
 #include <cuda_fp16.h>
 
@@ -249,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
           asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + 128 * i));
           asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + 128 * i));
         }
-        if (lane < 2) {  // the scales of rows s0 and s0 + 15 (at most two lines)
+        if (lane < 2) {  // the scales of rows s0 and s0 + R - 1 (at most two lines)
           const int64_t at = (base + s0 + (R - 1) * lane) * kss;
           const uint8_t* ks = static_cast<const uint8_t*>(p.k_scales) + at;
           const uint8_t* vs = static_cast<const uint8_t*>(p.v_scales) + at;
@@ -270,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   QueryIn<D> qin;
   query_load<D>(p, b, hkv_idx, h0, nh, warp, lane, qin);
 
-  // ---- this split's slice of the visible positions (16-row multiples) ----
+  // ---- this split's slice of the visible positions (R-row multiples) ----
   const Slice sl = split_slice(p, b, split, R);
   const int64_t my_lo = sl.lo, my_hi = sl.hi;
   const bool bad = sl.bad;
