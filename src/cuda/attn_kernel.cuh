@@ -129,6 +129,10 @@ __device__ __forceinline__ void rows_sum(float& a, float& b) {
     b += __shfl_xor_sync(0xFFFFFFFFu, b, o);
   }
 }
+__device__ __forceinline__ void rows_max(float& a) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
+}
 __device__ __forceinline__ void rows_max(float& a, float& b) {
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {

@@ -442,8 +442,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       // Online softmax as below, for one score per lane (lanes t and t^2 hold the same).
       if (__any_sync(0xFFFFFFFFu, x > m0)) {
         float cm = x;
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) cm = fmaxf(cm, __shfl_xor_sync(0xFFFFFFFFu, cm, o));
+        rows_max(cm);
         const float mn = fmaxf(m0, cm);
         mu0 = mn == -INFINITY ? 0.0f : mn;
         const float al = fast_exp2(m0 - mu0);
