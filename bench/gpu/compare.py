@@ -185,12 +185,14 @@ def check_finite(t, what):
         raise RuntimeError(f"{what} has non-finite values")
 
 
-def run_tqkv(args, shape, read_bw):
+def run_tqkv(args, shape, read_bw, scale):
     d, hq, hkv, b, s = shape
     cmd = [args.tqkv, "bench", "attention", "--backend", "cuda", "--json",
            "--dim", str(d), "--q-heads", str(hq), "--kv-heads", str(hkv), "--context", str(s), "--batch", str(b),
            "--kbits", args.kbits, "--vbits", args.vbits, "--repeats", str(args.repeats),
            "--graph-calls", str(args.graph_calls), "--read-bw-gbps", f"{read_bw:.3f}", "--fill", args.tqkv_fill]
+    if scale == "f16":
+        cmd.append("--scale-f16")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tqkv_timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -275,6 +277,8 @@ def main():
     ap.add_argument("--read-bw-gbps", type=float, default=0, help="skip the bandwidth measurement")
     ap.add_argument("--tqkv-fill", default="append", choices=["append", "copy"],
                     help="how tqkv fills its caches: device appends, or a host cache copied over")
+    ap.add_argument("--tqkv-scales", default="f32",
+                    help="TurboQuant row scale types to time, comma-separated: f32, f16 (one tqkv run each)")
     ap.add_argument("--tqkv-timeout", type=float, default=300, help="seconds per tqkv run")
     ap.add_argument("--json", help="write every result here")
     args = ap.parse_args()
@@ -282,6 +286,10 @@ def main():
     for name in args.sdpa_backends:
         if name not in BACKENDS:
             raise SystemExit(f"--sdpa-backends: '{name}' is not one of {','.join(BACKENDS)}")
+    args.tqkv_scales = [x.strip() for x in args.tqkv_scales.split(",") if x.strip()]
+    if not args.tqkv_scales or any(x not in ("f32", "f16") for x in args.tqkv_scales) or \
+            len(set(args.tqkv_scales)) != len(args.tqkv_scales):
+        raise SystemExit("--tqkv-scales: a comma-separated list of distinct f32, f16")
     if not args.repeats:
         args.repeats = 10 if args.quick else 30
     shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
@@ -310,43 +318,56 @@ def main():
         label = f"D{d} Hq{hq} Hkv{hkv} B{b} S{s}"
         log(f"{label} ...")
         t0 = time.time()
-        rows, tqkv_raw = [], None
-        if args.tqkv:
+        rows, tqkv_raw = [], {}
+        # One tqkv run per scale type; the dense f16 cache does not depend on it, so only the
+        # first run's is kept. Rows of f16-scale runs carry " s16" in their names.
+        for scale in args.tqkv_scales if args.tqkv else []:
+            sfx = " s16" if scale == "f16" else ""
             torch.cuda.empty_cache()  # leave the card to the tqkv process
-            res, err = run_tqkv(args, shape, read_bw)
+            res, err = run_tqkv(args, shape, read_bw, scale)
             if err:
-                rows.append({"impl": f"tqkv k{args.kbits}/v{args.vbits}", "error": err})
-            else:
-                for r in res["rows"]:
-                    rows.append({"impl": f"tqkv {r['cache']}", "bytes": r["bytes"], "us_graph": r["us_graph"],
-                                 "us_cold": r["us_cold"], "compressed_rows_read": r["compressed_rows_read"],
-                                 "max_abs_err_vs_reference": r.get("max_abs_err_vs_reference")})
-                # The fastest pure read of the same bytes, timed the same ways by the same process:
-                # what no decode kernel over this cache can beat on this card.
-                fl = res["rows"][0].get("read_floor") if res["rows"] else None
-                if fl:
-                    rows.append({"impl": "read floor", "bytes": fl["bytes"], "us_graph": fl["us_graph"],
-                                 "us_cold": fl["us_cold"], "variant_graph": fl["variant_graph"],
-                                 "variant_cold": fl["variant_cold"]})
-                env.setdefault("tqkv_device", res["shape"].get("device"))
-                tqkv_raw = res
+                rows.append({"impl": f"tqkv k{args.kbits}/v{args.vbits}{sfx}", "error": err, "compressed": True})
+                continue
+            for r in res["rows"]:
+                compressed = "tq" in r["cache"]
+                if not compressed and scale != args.tqkv_scales[0]:
+                    continue
+                rows.append({"impl": f"tqkv {r['cache']}{sfx if compressed else ''}", "bytes": r["bytes"],
+                             "us_graph": r["us_graph"], "us_cold": r["us_cold"], "compressed": compressed,
+                             "scale_dtype": scale, "compressed_rows_read": r["compressed_rows_read"],
+                             "max_abs_err_vs_reference": r.get("max_abs_err_vs_reference")})
+            # The fastest pure read of the same bytes, timed the same ways by the same process:
+            # what no decode kernel over this cache can beat on this card.
+            fl = res["rows"][0].get("read_floor") if res["rows"] else None
+            if fl:
+                rows.append({"impl": "read floor" + sfx, "bytes": fl["bytes"], "us_graph": fl["us_graph"],
+                             "us_cold": fl["us_cold"], "variant_graph": fl["variant_graph"],
+                             "variant_cold": fl["variant_cold"], "floor_of": scale})
+            env.setdefault("tqkv_device", res["shape"].get("device"))
+            tqkv_raw[scale] = res
         rows += sdpa_results(args, shape, holder, flush)
         for r in rows:
             if "bytes" in r:
                 add_rates(r, read_bw)
         entry = {"shape": {"dim": d, "q_heads": hq, "kv_heads": hkv, "batch": b, "context": s}, "rows": rows,
-                 "tqkv": tqkv_raw}
+                 "tqkv": tqkv_raw.get(args.tqkv_scales[0]) if args.tqkv else None, "tqkv_by_scale": tqkv_raw,
+                 "by_scale": {}}
         sdpa_ok = [r for r in rows if r["impl"].startswith("sdpa") and "error" not in r]
-        tq = rows[0] if args.tqkv and "error" not in rows[0] else None
-        floor = next((r for r in rows if r["impl"] == "read floor"), None)
-        for mode in ("graph", "cold"):
-            if tq and floor and tq.get(f"us_{mode}"):
-                entry[f"floor_over_tqkv_{mode}"] = floor[f"us_{mode}"] / tq[f"us_{mode}"]
-            timed = [r for r in sdpa_ok if r.get(f"us_{mode}")]
-            if tq and timed:
-                best = min(timed, key=lambda r: r[f"us_{mode}"])
-                entry[f"speedup_{mode}"] = best[f"us_{mode}"] / tq[f"us_{mode}"]
-                entry[f"best_sdpa_{mode}"] = best["impl"]
+        for scale in args.tqkv_scales if args.tqkv else []:
+            tq = next((r for r in rows if r.get("compressed") and r.get("scale_dtype") == scale), None)
+            floor = next((r for r in rows if r.get("floor_of") == scale), None)
+            e = {}
+            for mode in ("graph", "cold"):
+                if tq and floor and tq.get(f"us_{mode}"):
+                    e[f"floor_over_tqkv_{mode}"] = floor[f"us_{mode}"] / tq[f"us_{mode}"]
+                timed = [r for r in sdpa_ok if r.get(f"us_{mode}")]
+                if tq and tq.get(f"us_{mode}") and timed:
+                    best = min(timed, key=lambda r: r[f"us_{mode}"])
+                    e[f"speedup_{mode}"] = best[f"us_{mode}"] / tq[f"us_{mode}"]
+                    e[f"best_sdpa_{mode}"] = best["impl"]
+            entry["by_scale"][scale] = e
+            if scale == args.tqkv_scales[0]:
+                entry.update(e)  # the first scale type's figures under the keys of earlier reports
         entry["seconds"] = time.time() - t0
         results.append(entry)
 
@@ -367,12 +388,15 @@ def main():
             for m in ("graph", "cold"):
                 if f"error_{m}" in r:
                     print(f"{'':<30} {'':<14} {m} n/a: {r[f'error_{m}'][:90]}")
-        if "speedup_graph" in e or "speedup_cold" in e:
-            parts = [f"{m} {e[f'speedup_{m}']:.2f}x (vs {e[f'best_sdpa_{m}']})" for m in ("graph", "cold") if f"speedup_{m}" in e]
-            print(f"{label:<30} {'tqkv speedup':<14} " + ", ".join(parts))
-        if "floor_over_tqkv_graph" in e:
-            print(f"{label:<30} {'floor / tqkv':<14} graph {e['floor_over_tqkv_graph']:.2f}, "
-                  f"cold {e['floor_over_tqkv_cold']:.2f} (1.00 = as fast as a pure read of the same bytes)")
+        for scale, v in e.get("by_scale", {}).items():
+            sfx = " s16" if scale == "f16" else ""
+            if "speedup_graph" in v or "speedup_cold" in v:
+                parts = [f"{m} {v[f'speedup_{m}']:.2f}x (vs {v[f'best_sdpa_{m}']})" for m in ("graph", "cold")
+                         if f"speedup_{m}" in v]
+                print(f"{label:<30} {'tqkv speedup' + sfx:<14} " + ", ".join(parts))
+            if "floor_over_tqkv_graph" in v:
+                print(f"{label:<30} {'floor / tqkv' + sfx:<14} graph {v['floor_over_tqkv_graph']:.2f}, "
+                      f"cold {v['floor_over_tqkv_cold']:.2f} (1.00 = as fast as a pure read of the same bytes)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)

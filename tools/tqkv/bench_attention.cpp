@@ -37,6 +37,7 @@ nlohmann::json bench_one(const BenchOptions& o, uint32_t kt, uint32_t vt, const 
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.context);
   cfg.k_type = static_cast<tqkv_type>(kt);
   cfg.v_type = static_cast<tqkv_type>(vt);
+  if (o.scale_f16) cfg.scale_dtype = TQKV_SCALE_F16;
   Cache cache(cfg);
   // Fill in chunks so the input buffer stays small whatever the context.
   std::mt19937_64 rng(seed);
@@ -143,7 +144,7 @@ nlohmann::json bench_attention(const BenchOptions& o) {
     for (auto& x : q) x = nd(rng);
     result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads}, {"kv_heads", o.kv_heads},
                        {"context", o.context}, {"batch", o.batch},     {"threads", o.threads},
-                       {"backend", o.backend}, {"repeats", o.repeats}};
+                       {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", o.scale_f16 ? "f16" : "f32"}};
     for (size_t i = 0; i < caches.size(); ++i) {
       if (!o.quiet)
         ::fmt::print(stderr, "bench: {} ({}/{}) ...\n", type_name(caches[i].first) + "/" + type_name(caches[i].second),
@@ -176,9 +177,9 @@ nlohmann::json bench_attention(const BenchOptions& o) {
 void print_bench_table(const nlohmann::json& res) {
   const auto& s = res["shape"];
   const bool cuda = s["backend"] == "cuda";
-  ::fmt::print("attention, backend {}: D={} Hq={} Hkv={} S={} batch={} {} (median of {})\n",
+  ::fmt::print("attention, backend {}: D={} Hq={} Hkv={} S={} batch={} TQ scales {} {} (median of {})\n",
                s["backend"].get<std::string>(), s["dim"].get<int>(), s["q_heads"].get<int>(), s["kv_heads"].get<int>(),
-               s["context"].get<int>(), s["batch"].get<int>(),
+               s["context"].get<int>(), s["batch"].get<int>(), s.value("scale_dtype", "f32"),
                cuda ? "device " + s["device"].get<std::string>()
                     : "threads=" + (s["threads"].get<int>() ? std::to_string(s["threads"].get<int>()) : std::string("all")),
                s["repeats"].get<int>());
@@ -247,7 +248,7 @@ nlohmann::json append_row(const AppendBenchOptions& o, uint64_t bytes_per_token,
   nlohmann::json r;
   r["shape"] = {{"dim", o.dim},   {"kv_heads", o.kv_heads}, {"tokens", o.tokens},   {"batch", o.batch},
                 {"dtype", o.dtype}, {"backend", o.backend}, {"repeats", o.repeats}, {"k_type", type_name(o.kbits)},
-                {"v_type", type_name(o.vbits)}};
+                {"v_type", type_name(o.vbits)}, {"scale_dtype", o.scale_f16 ? "f16" : "f32"}};
   r["us"] = med;
   r["us_min"] = us.front();
   r["bytes_in"] = uint64_t(in_bytes);
@@ -284,6 +285,7 @@ nlohmann::json bench_append(const AppendBenchOptions& o) {
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.tokens);
   cfg.k_type = static_cast<tqkv_type>(o.kbits);
   cfg.v_type = static_cast<tqkv_type>(o.vbits);
+  if (o.scale_f16) cfg.scale_dtype = TQKV_SCALE_F16;
   Cache cache(cfg);
   const size_t n = size_t(o.batch) * o.tokens * o.kv_heads * o.dim;
   const auto k = random_input(n, dt, 1), v = random_input(n, dt, 2);
@@ -301,10 +303,10 @@ nlohmann::json bench_append(const AppendBenchOptions& o) {
 
 void print_append_table(const nlohmann::json& r) {
   const auto& s = r["shape"];
-  ::fmt::print("append_batch, backend {}: D={} Hkv={} tokens={} batch={} {} -> K {} V {} (median of {})\n",
+  ::fmt::print("append_batch, backend {}: D={} Hkv={} tokens={} batch={} {} -> K {} V {}, TQ scales {} (median of {})\n",
                s["backend"].get<std::string>(), s["dim"].get<int>(), s["kv_heads"].get<int>(), s["tokens"].get<int>(),
                s["batch"].get<int>(), s["dtype"].get<std::string>(), s["k_type"].get<std::string>(),
-               s["v_type"].get<std::string>(), s["repeats"].get<int>());
+               s["v_type"].get<std::string>(), s.value("scale_dtype", "f32"), s["repeats"].get<int>());
   ::fmt::print("  {:.1f} us (min {:.1f}), {:.2f} Mtok/s, {} bytes in + {} out, {:.1f} GB/s{}\n", r["us"].get<double>(),
                r["us_min"].get<double>(), r["tokens_per_s"].get<double>() / 1e6, r["bytes_in"].get<uint64_t>(),
                r["bytes_out"].get<uint64_t>(), r["GBps"].get<double>(),

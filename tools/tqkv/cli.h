@@ -29,6 +29,7 @@ struct BenchOptions {
   uint32_t graph_calls = 20;  // cuda: attend calls captured into one graph
   std::string fill = "append";  // cuda: "append" to the device cache, or "copy" from a host cache
   double read_bw_gbps = 0;    // the card's (or host's) measured read bandwidth; 0 = not known
+  bool scale_f16 = false;     // TurboQuant row scales stored as f16 (2 bytes a row instead of 4)
   bool json = false, quiet = false;
 };
 // Times the compressed cache and the dense caches (cpu: f32 and f16; cuda: f16) on one shape in
@@ -42,6 +43,7 @@ struct AppendBenchOptions {
   uint32_t kbits = 4, vbits = 4;
   uint32_t warmup = 3, repeats = 15;
   double read_bw_gbps = 0;
+  bool scale_f16 = false;  // TurboQuant row scales stored as f16
   bool json = false;
   bool async = false;  // cuda: tqkv_cache_append_batch_async, back to back
   bool graph = false;  // cuda: one asynchronous append captured in a CUDA graph, replayed

@@ -91,6 +91,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   attn->add_option("--read-bw-gbps", bo.read_bw_gbps, "measured memory read bandwidth in GB/s; adds frac_of_read_bw")
       ->capture_default_str();
+  attn->add_flag("--scale-f16", bo.scale_f16, "store TurboQuant row scales as f16 (default f32)");
   attn->add_flag("--json", bo.json, "print JSON");
 
   cli::AppendBenchOptions ao;
@@ -110,6 +111,7 @@ int main(int argc, char** argv) {
   app_bench->add_option("--warmup", ao.warmup, "untimed calls first")->capture_default_str();
   app_bench->add_option("--repeats", ao.repeats, "timed calls (median reported)")->capture_default_str();
   app_bench->add_option("--read-bw-gbps", ao.read_bw_gbps, "measured memory read bandwidth in GB/s")->capture_default_str();
+  app_bench->add_flag("--scale-f16", ao.scale_f16, "store TurboQuant row scales as f16 (default f32)");
   app_bench->add_flag("--json", ao.json, "print JSON");
   app_bench->add_flag("--async", ao.async,
                       "cuda: time --repeats asynchronous appends queued back to back (stream time per append; "
