@@ -710,21 +710,28 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 template <int D>
 constexpr int kMinBlocks = kSlice<D> <= 128 ? 2 : 1;
 
+// One launchable variant: its kernel for a call's scale type and its shared-memory bytes, both
+// from the same template arguments, so that the two cannot disagree.
+template <int D, bool PACK, bool TWIN = false>
+struct Variant {
+  static constexpr int kBytes = Layout<D, kSepMerge<D, PACK, TWIN>, TWIN>::kBytes;
+  static void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
+    constexpr int MB = kMinBlocks<D>;
+    const int bytes = std::max(kBytes, p.smem_floor);
+    auto* kernel = p.k_scale_f16 ? attn_lut_kernel<D, MB, true, PACK, TWIN> : attn_lut_kernel<D, MB, false, PACK, TWIN>;
+    TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
+  }
+};
+
+// The variant of a call: TWIN for D = 256 with at most 2 query heads per block, PACK for at most
+// 4 (one head chunk), else the general kernel.
 template <int D>
 void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
-  constexpr int MB = kMinBlocks<D>;
-  const bool pack = p.group <= kPackMaxHeads;  // one head chunk of at most 4 heads
-  int bytes = std::max(pack ? Layout<D, kSepMerge<D, true>>::kBytes : Layout<D>::kBytes, p.smem_floor);
-  auto* kernel = pack ? (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true> : attn_lut_kernel<D, MB, false, true>)
-                      : (p.k_scale_f16 ? attn_lut_kernel<D, MB, true, false> : attn_lut_kernel<D, MB, false, false>);
-  if constexpr (D == 256) {
-    if (p.group <= kTwinMaxHeads) {
-      bytes = std::max(Layout<D, true, true>::kBytes, p.smem_floor);
-      kernel = p.k_scale_f16 ? attn_lut_kernel<D, MB, true, true, true> : attn_lut_kernel<D, MB, false, true, true>;
-    }
-  }
-  TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  launch_ex(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
+  if constexpr (D == 256)
+    if (p.group <= kTwinMaxHeads) return Variant<D, true, true>::launch(p, grid, stream, pdl);
+  if (p.group <= kPackMaxHeads) return Variant<D, true>::launch(p, grid, stream, pdl);
+  Variant<D, false>::launch(p, grid, stream, pdl);
 }
 
 // Resident blocks per SM (the split count fills one wave of them).
@@ -733,8 +740,8 @@ int blocks_per_sm() {
   static const int n = [] {
     // The packed variant's separate merge buffer makes it the larger; the split count must fill
     // the slots of whichever variant a call launches.
-    constexpr int bytes = std::max({Layout<D>::kBytes, Layout<D, kSepMerge<D, true>>::kBytes,
-                                    D == 256 ? Layout<D, true, true>::kBytes : 0});
+    constexpr int bytes = std::max({Variant<D, false>::kBytes, Variant<D, true>::kBytes,
+                                    D == 256 ? Variant<D, true, true>::kBytes : 0});
     auto* kernel = attn_lut_kernel<D, kMinBlocks<D>, false, false>;
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int k = 0;
