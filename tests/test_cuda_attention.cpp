@@ -279,6 +279,34 @@ TEST(CudaAttention, KeyCenteringAndF16Scales) {
   }
 }
 
+// f16 row scales on every variant of the 4-bit kernels (head_dim x query heads per KV head:
+// packed, general, TWIN, slices), linear and wrapped ring storage. The table-lookup kernel keeps
+// a chunk's scales as stored and converts them where the softmax uses them; a scale of the wrong
+// row or chunk would show as one wrong row here.
+TEST(CudaAttention, F16ScalesEveryVariant) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  for (uint32_t d : {64u, 128u, 256u, 512u})
+    for (uint32_t g : {1u, 2u, 4u, 8u}) {
+      Case c;
+      c.d = d;
+      c.hkv = 2;
+      c.g = g;
+      c.f16_scale = true;
+      c.lens = {int64_t(8192 + rng() % 2000), int64_t(1 + rng() % 300)};
+      c.mask = g % 2 ? Mask::none : Mask::causal;
+      c.random_qpos = g == 4;
+      if (g == 8) {
+        c.ring = true;
+        c.cap = 9001;  // >= 8192 visible rows: the table-lookup kernel for 8 heads as well
+        c.lens = {int64_t(c.cap) * 2 + int64_t(rng() % 1000), 2000};
+        c.mask = Mask::window;
+        c.window = c.cap - 5;
+      }
+      run(c);
+    }
+}
+
 // D = 256 and 512 on the 4-bit pair: each row is split over 2 warps that add their partial
 // scores (the table-lookup kernel's slices), or at D = 256 with at most 2 heads per KV head taken
 // whole in two halves (WideHeadsInHalves below). Long enough (>= 8192) that pick() takes that kernel

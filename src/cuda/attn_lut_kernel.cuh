@@ -107,13 +107,14 @@ struct Layout {
   static_assert(kWarps % NS == 0, "whole groups per block");
 };
 
-template <int D>
+template <int D, bool SF16>
 struct Chunk {
   static constexpr int KW = D / 32;  // 32-bit words of one K row per lane (D/8 bytes)
   static constexpr int VW = D / 64;  // of one V row per lane (D/16 bytes)
   uint32_t k[2][KW];                 // rows r, r+8
   uint32_t v[4][VW];                 // rows 2t, 2t+1, 2t+8, 2t+9
-  float kn[2], vn[2];                // scales of rows r, r+8
+  // Scales of rows r, r+8 as stored (f16: its bits; scale_of converts).
+  std::conditional_t<SF16, uint32_t, float> kn[2], vn[2];
 };
 
 template <int N>
@@ -131,16 +132,25 @@ __device__ __forceinline__ void ldg_words(const uint8_t* p, uint32_t* w) {
   }
 }
 
+// A row scale as stored (f16: its bits), converted by scale_of where the softmax uses it.
+// Converted right at the load, the compiler placed the conversion next to it, so every chunk
+// waited there for the next chunk's f16 scales before working on its own: f16 scales were 2-8%
+// slower than f32 ones (H100), now the same (kernel notes, step 70).
 template <bool F16>
-__device__ __forceinline__ float ldg_scale(const uint8_t* p) {
+__device__ __forceinline__ std::conditional_t<F16, uint32_t, float> ldg_scale(const uint8_t* p) {
   if constexpr (F16) {
     unsigned short h;
     asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p));
-    return __half2float(__ushort_as_half(h));
+    return h;
+  } else {
+    float f;
+    asm("ld.global.nc.f32 %0, [%1];" : "=f"(f) : "l"(p));
+    return f;
   }
-  float f;
-  asm("ld.global.nc.f32 %0, [%1];" : "=f"(f) : "l"(p));
-  return f;
+}
+__device__ __forceinline__ float scale_of(float f) { return f; }
+__device__ __forceinline__ float scale_of(uint32_t h) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
 }
 
 // The table entry for byte J of w: the permute puts lane_off (the lane's offset, 4l) in byte 0
@@ -190,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   using Lay = Layout<D, SEP, TWIN>;
   constexpr int R = TWIN ? kRows / 2 : kRows;  // rows per warp step
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
-  using Ch = Chunk<DS>;
+  using Ch = Chunk<DS, SF16>;
   constexpr int S = Lay::kSteps;
   // Slices wider than 128 read the query from shared memory in the loop (kQHi below), so its
   // fragments are stored swizzled there (qslot), which the prologue writes without conflicts.
@@ -436,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       // entry 3 its second half against column 2t + 1; entries 1 and 2 are the cross terms.
       float dot = (cc[0][0] + cc[1][0]) + (cc[0][3] + cc[1][3]);
       dot += __shfl_xor_sync(0xFFFFFFFFu, dot, 2);  // hi columns + lo columns
-      float x = fmaf(dot, qun0 * c.kn[0], bias0);
+      float x = fmaf(dot, qun0 * scale_of(c.kn[0]), bias0);
       if (capped) x = p.softcap * tanhf(x / p.softcap) * log2e;
       if (rel + r >= n_my) x = -INFINITY;
       // Online softmax as below, for one score per lane (lanes t and t^2 hold the same).
@@ -458,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       // Row r's weight in column 2t (the first half's rows, B rows 0-7) and 2t + 1 (the
       // second half's, B rows 8-15); the other half's column is 0. Lanes t >= 2: lo parts.
       uint32_t whi, wlo;
-      split_half2(pr * (c.vn[0] * vmul), 0.0f, whi, wlo);
+      split_half2(pr * (scale_of(c.vn[0]) * vmul), 0.0f, whi, wlo);
       const uint32_t w = t >= 2 ? wlo : whi;
       b_hi0 = transpose8x8(w);
       b_hi1 = transpose8x8(w << 16);
@@ -497,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       }
       float x[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * c.kn[e >> 1], e & 1 ? bias1 : bias0);
+      for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * scale_of(c.kn[e >> 1]), e & 1 ? bias1 : bias0);
       if (capped)  // one branch for the chunk's four scores
 #pragma unroll
         for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
@@ -534,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       l0 += pr[0] + pr[2];
       l1 += pr[1] + pr[3];
       // Weights with the V row scale folded in, f16 hi + lo, transposed into B fragments.
-      const float vs0 = c.vn[0] * vmul, vs1 = c.vn[1] * vmul;
+      const float vs0 = scale_of(c.vn[0]) * vmul, vs1 = scale_of(c.vn[1]) * vmul;
       uint32_t top_hi, top_lo, bot_hi, bot_lo;
       split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
       split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
