@@ -350,7 +350,8 @@ def main():
             if "bytes" in r:
                 add_rates(r, read_bw)
         entry = {"shape": {"dim": d, "q_heads": hq, "kv_heads": hkv, "batch": b, "context": s}, "rows": rows,
-                 "tqkv": tqkv_raw.get(args.tqkv_scales[0]) if args.tqkv else None, "tqkv_by_scale": tqkv_raw,
+                 "tqkv": tqkv_raw.get(args.tqkv_scales[0]) if args.tqkv else None,
+                 "tqkv_other_scales": {k: v for k, v in tqkv_raw.items() if k != args.tqkv_scales[0]},
                  "by_scale": {}}
         sdpa_ok = [r for r in rows if r["impl"].startswith("sdpa") and "error" not in r]
         for scale in args.tqkv_scales if args.tqkv else []:
