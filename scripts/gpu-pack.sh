@@ -115,7 +115,7 @@ LD_LIBRARY_PATH="${TQKV_LD_PATH:-$here/lib:$here/lib/compat}${LD_LIBRARY_PATH:+:
 EOF
 chmod +x "$out/tqkv"
 cp -r "$root/scripts" "$out/scripts"
-cp "$root/bench/gpu/compare.py" "$out/bench/gpu/"
+cp "$root/bench/gpu/compare.py" "$root/bench/gpu/targets.py" "$out/bench/gpu/"
 {
   echo "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
   echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -n): TQKV_CUDA=$cuda sm_$arch, $(nvcc --version 2>/dev/null | tail -n 1 || echo 'no nvcc')"

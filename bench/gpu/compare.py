@@ -22,12 +22,17 @@ measured once unless --read-bw-gbps is given: best of 10 timed reductions over a
 buffer (torch.sum and torch.amax, vectorised read-only kernels), bytes read / time. (An int32
 view summed into int64 reads at a fraction of that, so it is not used.)
 
+At the end it checks the CUDA issue's targets on the shapes it ran (bench/gpu/targets.py, which
+also reads a saved --json file): each target's measured value to three decimals and whether it is
+met.
+
 Needs only python3 + torch with CUDA. Usage:
   python3 bench/gpu/compare.py --tqkv .gpu/tqkv [--quick] [--shapes 128:32:8:1:32768,...] [--json OUT]
 """
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -37,6 +42,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import targets  # noqa: E402  (beside this file; the issue's targets, checked at the end)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # (head_dim, q_heads, kv_heads, batch, context): the targets of the CUDA backend's issue.
@@ -398,6 +406,7 @@ def main():
             if "floor_over_tqkv_graph" in v:
                 print(f"{label:<30} {'floor / tqkv' + sfx:<14} graph {v['floor_over_tqkv_graph']:.2f}, "
                       f"cold {v['floor_over_tqkv_cold']:.2f} (1.00 = as fast as a pure read of the same bytes)")
+    targets.print_summary(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)
