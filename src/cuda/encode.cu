@@ -261,18 +261,24 @@ __device__ __forceinline__ void encode_tq(const EncodeArgs& a, const TabView& tv
 #pragma unroll
   for (int i = 0; i < kWords; ++i) words[i] = 0;
   double yc = 0, cc = 0;
-  // 1.5 * 2^23 + the table's offset: t below is a float whose low mantissa bits are the cell.
-  const float magic = 12582912.0f + float(p.lut_off);
+  // 1.5 * 2^23 + the table's offset + this plane's table in slut (both planes' tables, one array
+  // at a fixed shared address): t below is a float whose low mantissa bits are the cell's index
+  // in slut (exact: far below 2^24), so a lookup needs no add to find its plane's table.
+  const uint32_t lut_first = uint32_t(w) * kLutMax;
+  const float magic = 12582912.0f + float(p.lut_off + lut_first);
+  const uint32_t lut_last = lut_first + p.lut_size - 1;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    // A zero row takes the index of 0, as on the CPU. That includes a refused row whose rotation
-    // overflowed (its sum of squares is inf or NaN): x * 0 would be NaN there.
-    const float u = zero ? 0.0f : x[j] * inv;
+    // A zero row takes the index of 0, as on the CPU: inv is 0 there, and its values are finite
+    // (x * 0 = +-0) unless the row is refused (a non-finite input or rotation, reported above),
+    // whose bytes are never read: NaN u then lands on the table's last cell.
+    const float u = x[j] * inv;
     // round(u * 2^e) exactly (the fused add rounds to an integer once; a tie may round either
     // way, which the table allows), then the cell's count of lower boundaries and one
-    // comparison: core::quantize's index. The clamp only matters for a non-finite input (reported).
+    // comparison: core::quantize's index. The table spans |u| <= sqrt(d) * 1.001 + 1
+    // (quant_table.cpp), so only NaN needs the clamp.
     const float t = fmaf(u, p.lut_scale, magic);
-    const uint32_t cell = min(uint32_t(__float_as_int(t) - 0x4B400000), p.lut_size - 1);
+    const uint32_t cell = min(uint32_t(__float_as_int(t) - 0x4B400000), lut_last);
     // Three small loads that hit few distinct words (no bank conflicts); one 16-byte table entry
     // holding boundary and both centroids measured 3% slower (its loads conflict).
     const uint32_t lo = slut[cell];
@@ -484,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
   }
   __shared__ float s_b[2][256];  // boundaries, then +inf (the table's last comparison)
   __shared__ double s_c[2][256];
-  __shared__ uint8_t s_lut[2][kLutMax];
+  __shared__ uint8_t s_lut[2 * kLutMax];  // plane w's table at w * kLutMax (encode_tq)
   for (int w = 0; w < 2; ++w) {
     const PlaneArgs& p = a.plane[w];
     if (p.bits == 0) continue;
@@ -493,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
       s_c[w][i] = p.centroids[i];
       s_b[w][i] = i < levels - 1 ? p.boundaries[i] : INFINITY;
     }
-    for (uint32_t i = threadIdx.x; i < p.lut_size; i += blockDim.x) s_lut[w][i] = p.lut[i];
+    for (uint32_t i = threadIdx.x; i < p.lut_size; i += blockDim.x) s_lut[w * kLutMax + i] = p.lut[i];
   }
   if (skipped(a.fin, a.direct, failed)) return;  // the same value in every thread of the grid
   if (threadIdx.x == 0) block_posted() = 0;
@@ -507,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 2) encode_kernel(const __grid_consta
     const uint64_t r = task_row<G::RPW>(a, task, group, w);
     const bool valid = r < a.rows;
     auto tq = [&](auto bits) {
-      encode_tq<D, DT, VPL, decltype(bits)::value>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut[w], x, loaded);
+      encode_tq<D, DT, VPL, decltype(bits)::value>(a, tv, w, r, valid, gl, signs, s_b[w], s_c[w], s_lut, x, loaded);
     };
     switch (a.plane[w].bits) {
       case 2: tq(std::integral_constant<int, 2>{}); break;
