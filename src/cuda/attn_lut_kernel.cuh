@@ -30,7 +30,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/attn_kernel.cuh"
+#include "cuda/attn_common.cuh"
 
 namespace tqkv::cuda {
 namespace lut {
