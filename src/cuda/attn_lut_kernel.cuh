@@ -153,6 +153,18 @@ __device__ __forceinline__ float scale_of(uint32_t h) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
 }
 
+// A head's running maximum m raised to cm (its chunk's maximum over the rows' lanes): mu, the
+// offset its weights are taken against (0 while m is -inf), follows, its sum l shrinks by the
+// returned factor, and so must its output.
+__device__ __forceinline__ float raise_max(float& m, float& mu, float& l, float cm) {
+  const float mn = fmaxf(m, cm);
+  mu = mn == -INFINITY ? 0.0f : mn;
+  const float al = fast_exp2(m - mu);
+  l *= al;
+  m = mn;
+  return al;
+}
+
 // The table entry for byte J of w: the permute puts lane_off (the lane's offset, 4l) in byte 0
 // and the stored byte in byte 1, which is the entry's byte offset from tab (K's and V's alike).
 template <int J>
@@ -453,15 +465,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       if (__any_sync(0xFFFFFFFFu, x > m0)) {
         float cm = x;
         rows_max(cm);
-        const float mn = fmaxf(m0, cm);
-        mu0 = mn == -INFINITY ? 0.0f : mn;
-        const float al = fast_exp2(m0 - mu0);
-        l0 *= al;
+        const float al = raise_max(m0, mu0, l0, cm);
 #pragma unroll
         for (int i = 0; i < S; ++i)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[i][e] *= al;
-        m0 = mn;
       }
       const float pr = fast_exp2(x - mu0);
       l0 += pr;
@@ -523,13 +531,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       // those of reducing every chunk, without its three shuffle rounds on the chunk's path.
       if (__any_sync(0xFFFFFFFFu, cm0 > m0 || cm1 > m1)) {
         rows_max(cm0, cm1);
-        const float mn0 = fmaxf(m0, cm0), mn1 = fmaxf(m1, cm1);
-        mu0 = mn0 == -INFINITY ? 0.0f : mn0;
-        mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-        const float al0 = fast_exp2(m0 - mu0);
-        const float al1 = fast_exp2(m1 - mu1);
-        l0 *= al0;
-        l1 *= al1;
+        const float al0 = raise_max(m0, mu0, l0, cm0), al1 = raise_max(m1, mu1, l1, cm1);
 #pragma unroll
         for (int i = 0; i < S; ++i) {
           acc[i][0] *= al0;
@@ -537,8 +539,6 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
           acc[i][2] *= al0;
           acc[i][3] *= al1;
         }
-        m0 = mn0;
-        m1 = mn1;
       }
       const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
       l0 += pr[0] + pr[2];
