@@ -114,6 +114,12 @@ __device__ __forceinline__ void split_half2(float a, float b, uint32_t& hi, uint
   lo = pack_half2(a - __half2float(ha), b - __half2float(hb));
 }
 
+// x as the f16 pair (hi, lo), x = hi + lo: one head's two columns of a packed weight fragment.
+__device__ __forceinline__ uint32_t hi_lo_half2(float x) {
+  const float hi = __half2float(__float2half_rn(x));
+  return pack_half2(x, x - hi);  // x rounds to hi again
+}
+
 // The visible positions of sequence b and split `split`'s slice of them: positions
 // [lo, hi) of the sequence; each split takes `align`-row multiples.
 struct Slice {

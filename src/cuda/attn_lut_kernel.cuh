@@ -209,6 +209,9 @@ template <int D, int MINB, bool SF16, bool PACK, bool TWIN = false>
 __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKernelParams p) {
   static_assert(!TWIN || (PACK && D == 256), "TWIN: D = 256 with packed heads");
   constexpr bool SEP = kSepMerge<D, PACK, TWIN>;
+  // One head per lane in the loop (see the query's columns below): halves the softmax's work per
+  // chunk and takes a shuffle off its chain.
+  constexpr bool ONEH = PACK && !TWIN && D != 256;
   using Lay = Layout<D, SEP, TWIN>;
   constexpr int R = TWIN ? kRows / 2 : kRows;  // rows per warp step
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
@@ -376,13 +379,18 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 
   // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to a slice of
   // 128, the lo parts only at 64 (more would spill at 128 registers); the rest are read from
-  // shared memory per k-step. PACK: column r >= 4 is the lo part of head r - 4, which the
-  // prologue stored at lane - 16.
+  // shared memory per k-step. PACK with ONEH: column r is part r & 1 (hi, lo) of head r >> 1,
+  // which the prologue stored as the hi and lo halves of lane 4 (r >> 1) + t's entry, so columns
+  // 2t and 2t + 1 of a lane's C fragment are both parts of head t: the lane adds them for its
+  // scores, and runs head t's softmax for rows r and r + 8. Without ONEH (D = 256 in slices,
+  // where the ONEH code spilled): column r >= 4 is the lo part of head r - 4, stored at
+  // lane - 16; lanes t and t ^ 2 add their columns with a shuffle, and both run the softmax of
+  // heads hd, hd + 1 (four scores).
   constexpr bool kQHi = DS <= 128, kQLo = DS <= 64 && !PACK;
   // TWIN: column r is (lo part, head, half) = (r >> 2, (r >> 1) & 1, r & 1), the head's half
   // laid out as a slice of 128 (query_finish with DS = 128: half j's k-steps are 8j ..).
-  const int qlane = TWIN ? ((r >> 1) & 1) * 4 + t : PACK && r >= 4 ? lane - 16 : lane;
-  const int qhalf = PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
+  const int qlane = TWIN ? ((r >> 1) & 1) * 4 + t : ONEH ? (r >> 1) * 4 + t : PACK && r >= 4 ? lane - 16 : lane;
+  const int qhalf = ONEH ? (r & 1) : PACK && r >= 4 ? 1 : 0;  // uint2 of the uint4: 0 hi, 1 lo
   uint2 qhi[kQHi ? S : 1], qlo[kQLo ? S : 1];
   // This slice's k-steps: slice * S + s, where (slice * S + s) & 7 == s & 7 (slice is 0 with one
   // slice, else S is a multiple of 8), so qslot(s, .) indexes from q4.
@@ -394,16 +402,17 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     if constexpr (kQHi) qhi[kQHi ? s : 0] = qhalf ? make_uint2(v.z, v.w) : make_uint2(v.x, v.y);
     if constexpr (kQLo) qlo[kQLo ? s : 0] = make_uint2(v.z, v.w);
   }
-  // Heads of this lane's C fragment columns (PACK: lanes t and t^2 hold the same heads; TWIN:
-  // one head, both halves).
+  // Heads of this lane's C fragment columns in the block merge (PACK: lanes t and t^2 hold the
+  // same heads; TWIN: one head, both halves), and in the loop (ONEH: head t alone).
   const int hd = TWIN ? (t & 1) : PACK ? 2 * (t & 1) : 2 * t;
+  const int hq = ONEH ? t : hd;
   const float log2e = 1.4426950408889634f;
   const bool capped = p.softcap > 0.0f;
   // Scores come out in log2 units: without a softcap log2(e) is folded into the query's unscale
   // factor and bias here; with one, tanh takes natural units and the factor follows it.
   const float to_x = capped ? 1.0f : log2e;
-  const float qun0 = q_unscale[hd] * to_x, qun1 = q_unscale[hd + 1] * to_x;
-  const float bias0 = bias[hd] * to_x, bias1 = bias[hd + 1] * to_x;
+  const float qun0 = q_unscale[hq] * to_x, qun1 = q_unscale[hq + 1] * to_x;
+  const float bias0 = bias[hq] * to_x, bias1 = bias[hq + 1] * to_x;
   const float vmul = rsqrtf(float(D));
   // Partial scores, [chunk parity][warp][lane] float4 (shared-window addresses: fewer registers).
   // xw: this lane's slot in this chunk's half; the group's first slot is slice * kXWarp below.
@@ -481,13 +490,14 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       b_hi0 = transpose8x8(w);
       b_hi1 = transpose8x8(w << 16);
     } else {
-      // x: rows r, r+8 x heads hd, hd+1 (C fragment order), in log2 units.
+      // dotv: rows r, r+8 x columns 2t, 2t+1 (C fragment order): heads hd, hd+1, or (ONEH) head
+      // t's hi and lo parts.
       float dotv[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         dotv[e] = cc[0][e] + cc[1][e];
         if constexpr (kChains == 4) dotv[e] += cc[2][e] + cc[3][e];
-        if constexpr (PACK) dotv[e] += __shfl_xor_sync(0xFFFFFFFFu, dotv[e], 2);  // hi columns + lo columns
+        if constexpr (PACK && !ONEH) dotv[e] += __shfl_xor_sync(0xFFFFFFFFu, dotv[e], 2);  // hi columns + lo columns
       }
       if constexpr (NS > 1) {
         // The group's slices add up in one fixed order, so its warps hold bit-identical scores and
@@ -513,50 +523,80 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         xw += xflip;
         xflip = 0u - xflip;
       }
-      float x[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * scale_of(c.kn[e >> 1]), e & 1 ? bias1 : bias0);
-      if (capped)  // one branch for the chunk's four scores
-#pragma unroll
-        for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
-      if (rel + R > n_my) {
-        if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
-        if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
-      }
-      // ---- online softmax over the chunk (lanes sharing t hold heads hd, hd+1) ----
-      float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
-      // The maxima are reduced across the rows' lanes and the output rescaled only when some
-      // lane's score exceeds its head's maximum (rare after the first chunks): a lane's own
-      // scores exceed m exactly when the reduced maximum would, so the decisions and values are
-      // those of reducing every chunk, without its three shuffle rounds on the chunk's path.
-      if (__any_sync(0xFFFFFFFFu, cm0 > m0 || cm1 > m1)) {
-        rows_max(cm0, cm1);
-        const float al0 = raise_max(m0, mu0, l0, cm0), al1 = raise_max(m1, mu1, l1, cm1);
-#pragma unroll
-        for (int i = 0; i < S; ++i) {
-          acc[i][0] *= al0;
-          acc[i][1] *= al1;
-          acc[i][2] *= al0;
-          acc[i][3] *= al1;
+      if constexpr (ONEH) {
+        // Head t's scores of rows r and r + 8 (hi part + lo part), in log2 units.
+        float x0 = fmaf(dotv[0] + dotv[1], qun0 * scale_of(c.kn[0]), bias0);
+        float x1 = fmaf(dotv[2] + dotv[3], qun0 * scale_of(c.kn[1]), bias0);
+        if (capped) {
+          x0 = p.softcap * tanhf(x0 / p.softcap) * log2e;
+          x1 = p.softcap * tanhf(x1 / p.softcap) * log2e;
         }
-      }
-      const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
-      l0 += pr[0] + pr[2];
-      l1 += pr[1] + pr[3];
-      // Weights with the V row scale folded in, f16 hi + lo, transposed into B fragments.
-      const float vs0 = scale_of(c.vn[0]) * vmul, vs1 = scale_of(c.vn[1]) * vmul;
-      uint32_t top_hi, top_lo, bot_hi, bot_lo;
-      split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
-      split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
-      if constexpr (PACK) {  // columns 4-7 (lanes t >= 2) take the lo parts
-        top_hi = t >= 2 ? top_lo : top_hi;
-        bot_hi = t >= 2 ? bot_lo : bot_hi;
-      }
-      b_hi0 = transpose8x8(top_hi);
-      b_hi1 = transpose8x8(bot_hi);
-      if constexpr (!PACK) {
-        b_lo0 = transpose8x8(top_lo);
-        b_lo1 = transpose8x8(bot_lo);
+        if (rel + R > n_my) {
+          if (rel + r >= n_my) x0 = -INFINITY;
+          if (rel + r + 8 >= n_my) x1 = -INFINITY;
+        }
+        // The online softmax of the other branch below, for one head.
+        float cm = fmaxf(x0, x1);
+        if (__any_sync(0xFFFFFFFFu, cm > m0)) {
+          rows_max(cm);
+          const float al = raise_max(m0, mu0, l0, cm);
+#pragma unroll
+          for (int i = 0; i < S; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][e] *= al;
+        }
+        const float p0 = fast_exp2(x0 - mu0), p1 = fast_exp2(x1 - mu0);
+        l0 += p0 + p1;
+        // Row r's weight as head t's (hi, lo) columns 2t, 2t + 1; row r + 8's below it.
+        b_hi0 = transpose8x8(hi_lo_half2(p0 * (scale_of(c.vn[0]) * vmul)));
+        b_hi1 = transpose8x8(hi_lo_half2(p1 * (scale_of(c.vn[1]) * vmul)));
+      } else {
+        // x: rows r, r+8 x heads hd, hd+1, in log2 units.
+        float x[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * scale_of(c.kn[e >> 1]), e & 1 ? bias1 : bias0);
+        if (capped)  // one branch for the chunk's four scores
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
+        if (rel + R > n_my) {
+          if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
+          if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
+        }
+        // ---- online softmax over the chunk (lanes sharing t hold heads hd, hd+1) ----
+        float cm0 = fmaxf(x[0], x[2]), cm1 = fmaxf(x[1], x[3]);
+        // The maxima are reduced across the rows' lanes and the output rescaled only when some
+        // lane's score exceeds its head's maximum (rare after the first chunks): a lane's own
+        // scores exceed m exactly when the reduced maximum would, so the decisions and values are
+        // those of reducing every chunk, without its three shuffle rounds on the chunk's path.
+        if (__any_sync(0xFFFFFFFFu, cm0 > m0 || cm1 > m1)) {
+          rows_max(cm0, cm1);
+          const float al0 = raise_max(m0, mu0, l0, cm0), al1 = raise_max(m1, mu1, l1, cm1);
+#pragma unroll
+          for (int i = 0; i < S; ++i) {
+            acc[i][0] *= al0;
+            acc[i][1] *= al1;
+            acc[i][2] *= al0;
+            acc[i][3] *= al1;
+          }
+        }
+        const float pr[4] = {fast_exp2(x[0] - mu0), fast_exp2(x[1] - mu1), fast_exp2(x[2] - mu0), fast_exp2(x[3] - mu1)};
+        l0 += pr[0] + pr[2];
+        l1 += pr[1] + pr[3];
+        // Weights with the V row scale folded in, f16 hi + lo, transposed into B fragments.
+        const float vs0 = scale_of(c.vn[0]) * vmul, vs1 = scale_of(c.vn[1]) * vmul;
+        uint32_t top_hi, top_lo, bot_hi, bot_lo;
+        split_half2(pr[0] * vs0, pr[1] * vs0, top_hi, top_lo);
+        split_half2(pr[2] * vs1, pr[3] * vs1, bot_hi, bot_lo);
+        if constexpr (PACK) {  // columns 4-7 (lanes t >= 2) take the lo parts
+          top_hi = t >= 2 ? top_lo : top_hi;
+          bot_hi = t >= 2 ? bot_lo : bot_hi;
+        }
+        b_hi0 = transpose8x8(top_hi);
+        b_hi1 = transpose8x8(bot_hi);
+        if constexpr (!PACK) {
+          b_lo0 = transpose8x8(top_lo);
+          b_lo1 = transpose8x8(bot_lo);
+        }
       }
     }
     // ---- PV: nibbles of rows (2t, 2t+1) and (2t+8, 2t+9) merged per coordinate ----
@@ -604,11 +644,29 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   }
 
   grid_dependency_trigger();
-  if constexpr (PACK)  // the hi-column and lo-column sums of each head
+  if constexpr (ONEH) {
+    // Head t's outputs are its hi-column plus lo-column sums; the merge below takes a lane's
+    // values in the general layout (heads hd, hd + 1 of rows r, r + 8), from lanes 4r + hd and
+    // 4r + hd + 1.
+    const int src0 = (lane & ~3) | hd, src1 = src0 + 1;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const float va = acc[i][0] + acc[i][1], vb = acc[i][2] + acc[i][3];
+      acc[i][0] = __shfl_sync(0xFFFFFFFFu, va, src0);
+      acc[i][1] = __shfl_sync(0xFFFFFFFFu, va, src1);
+      acc[i][2] = __shfl_sync(0xFFFFFFFFu, vb, src0);
+      acc[i][3] = __shfl_sync(0xFFFFFFFFu, vb, src1);
+    }
+    m1 = __shfl_sync(0xFFFFFFFFu, m0, src1);
+    m0 = __shfl_sync(0xFFFFFFFFu, m0, src0);
+    l1 = __shfl_sync(0xFFFFFFFFu, l0, src1);
+    l0 = __shfl_sync(0xFFFFFFFFu, l0, src0);
+  } else if constexpr (PACK) {  // the hi-column and lo-column sums of each head
 #pragma unroll
     for (int i = 0; i < S; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][e] += __shfl_xor_sync(0xFFFFFFFFu, acc[i][e], 2);
+  }
   // ---- merge the warps: maxima and sums per head, then the rescaled outputs ----
   // (PACK: lanes t and t^2 hold the same heads and values; both store them.)
   rows_sum(l0, l1);
