@@ -70,6 +70,15 @@ class Targets(unittest.TestCase):
         targets.print_summary([entry(64, 32, 8, 1, 32768, rows)], out)
         self.assertEqual(out.getvalue(), "")
 
+    def test_other_cards_are_named(self):
+        rows = [row("tqkv tq4", 48.0, frac=0.66), row("read floor", 32.0), row("sdpa-cudnn", 124.3)]
+        results = [entry(128, 32, 8, 1, 131072, rows)]
+        for device, noted in (("NVIDIA H200", True), ("NVIDIA H100 80GB HBM3", False), (None, False)):
+            out = io.StringIO()
+            targets.print_summary(results, out, device=device)
+            self.assertIn("read BW >= 0.85", out.getvalue())
+            self.assertEqual("this run is on an NVIDIA H200" in out.getvalue(), noted, device)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -406,7 +406,7 @@ def main():
             if "floor_over_tqkv_graph" in v:
                 print(f"{label:<30} {'floor / tqkv' + sfx:<14} graph {v['floor_over_tqkv_graph']:.2f}, "
                       f"cold {v['floor_over_tqkv_cold']:.2f} (1.00 = as fast as a pure read of the same bytes)")
-    targets.print_summary(results)
+    targets.print_summary(results, device=env["device"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)
