@@ -346,6 +346,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
 #pragma unroll
   for (int i = 0; i < S; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 
+  // A score through the softcap (natural units in, log2 units out).
+  auto soft_cap = [&](float x) { return p.softcap * tanhf(x / p.softcap) * log2e; };
   auto compute = [&](const Ch& c, int rel) {
     // ---- QK: mma chains over alternate k-steps (PACK), or the query's hi and lo parts; without
     // PACK, slices of 256 (16 k-steps) split those by k-step parity too: no chain over 8 mma ----
@@ -386,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       float dot = (cc[0][0] + cc[1][0]) + (cc[0][3] + cc[1][3]);
       dot += __shfl_xor_sync(0xFFFFFFFFu, dot, 2);  // hi columns + lo columns
       float x = fmaf(dot, qun0 * scale_of(c.kn[0]), bias0);
-      if (capped) x = p.softcap * tanhf(x / p.softcap) * log2e;
+      if (capped) x = soft_cap(x);
       if (rel + r >= n_my) x = -INFINITY;
       // Online softmax as below, for one score per lane (lanes t and t^2 hold the same).
       if (__any_sync(0xFFFFFFFFu, x > m0)) {
@@ -446,8 +448,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         float x0 = fmaf(dotv[0] + dotv[1], qun0 * scale_of(c.kn[0]), bias0);
         float x1 = fmaf(dotv[2] + dotv[3], qun0 * scale_of(c.kn[1]), bias0);
         if (capped) {
-          x0 = p.softcap * tanhf(x0 / p.softcap) * log2e;
-          x1 = p.softcap * tanhf(x1 / p.softcap) * log2e;
+          x0 = soft_cap(x0);
+          x1 = soft_cap(x1);
         }
         if (rel + R > n_my) {
           if (rel + r >= n_my) x0 = -INFINITY;
@@ -475,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
         for (int e = 0; e < 4; ++e) x[e] = fmaf(dotv[e], (e & 1 ? qun1 : qun0) * scale_of(c.kn[e >> 1]), e & 1 ? bias1 : bias0);
         if (capped)  // one branch for the chunk's four scores
 #pragma unroll
-          for (int e = 0; e < 4; ++e) x[e] = p.softcap * tanhf(x[e] / p.softcap) * log2e;
+          for (int e = 0; e < 4; ++e) x[e] = soft_cap(x[e]);
         if (rel + R > n_my) {
           if (rel + r >= n_my) x[0] = x[1] = -INFINITY;
           if (rel + r + 8 >= n_my) x[2] = x[3] = -INFINITY;
