@@ -54,6 +54,18 @@ class Targets(unittest.TestCase):
         self.assertEqual(v[("read BW >= 0.80 (graph)", "D256 Hq16 Hkv8 B4 S32768", "f16")], "yes")
         self.assertNotIn(("vs cuDNN >= 3.3x (graph)", "D256 Hq16 Hkv8 B4 S32768", "f32"), v)
 
+    def test_row_names_from_the_suffix_compare_writes(self):
+        # compare.py names a run's rows with row_suffix; both lookups must find them by scale type.
+        rows = []
+        for scale, us in (("f32", 30.0), ("f16", 29.0)):
+            rows += [row("tqkv tq4" + targets.row_suffix(scale), us), row("read floor" + targets.row_suffix(scale), us - 5)]
+        e = entry(128, 32, 8, 1, 32768, rows)
+        found = targets.tqkv_rows(e)
+        self.assertEqual({k: r["us_graph"] for k, r in found.items()}, {"f32": 30.0, "f16": 29.0})
+        self.assertEqual(targets.floor_row(e, "f32")["us_graph"], 25.0)
+        self.assertEqual(targets.floor_row(e, "f16")["us_graph"], 24.0)
+        self.assertNotEqual(targets.row_suffix("f16"), targets.row_suffix("f32"))
+
     def test_short_contexts_never_slower(self):
         rows = [row("tqkv tq4", 6.0, us_cold=12.0), row("sdpa-cudnn", 6.7, us_cold=11.0),
                 row("sdpa-flash", 10.0, us_cold=15.0)]

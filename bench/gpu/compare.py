@@ -328,9 +328,9 @@ def main():
         t0 = time.time()
         rows, tqkv_raw = [], {}
         # One tqkv run per scale type; the dense f16 cache does not depend on it, so only the
-        # first run's is kept. Rows of f16-scale runs carry " s16" in their names.
+        # first run's is kept. Rows of f16-scale runs carry targets.row_suffix in their names.
         for scale in args.tqkv_scales if args.tqkv else []:
-            sfx = " s16" if scale == "f16" else ""
+            sfx = targets.row_suffix(scale)
             torch.cuda.empty_cache()  # leave the card to the tqkv process
             res, err = run_tqkv(args, shape, read_bw, scale)
             if err:
@@ -398,7 +398,7 @@ def main():
                 if f"error_{m}" in r:
                     print(f"{'':<30} {'':<14} {m} n/a: {r[f'error_{m}'][:90]}")
         for scale, v in e.get("by_scale", {}).items():
-            sfx = " s16" if scale == "f16" else ""
+            sfx = targets.row_suffix(scale)
             if "speedup_graph" in v or "speedup_cold" in v:
                 parts = [f"{m} {v[f'speedup_{m}']:.2f}x (vs {v[f'best_sdpa_{m}']})" for m in ("graph", "cold")
                          if f"speedup_{m}" in v]

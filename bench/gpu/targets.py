@@ -26,19 +26,24 @@ CUDNN_TARGET = ("vs cuDNN >= 3.3x", 128, 32, 8, (1, 8), (32768, 131072), 3.3)
 SHORT_CONTEXTS = (1024, 4096)  # never slower than the best SDPA backend
 
 
+def row_suffix(scale):
+    """What compare.py appends to the row names of a run with that scale type (f16: " s16")."""
+    return " s16" if scale == "f16" else ""
+
+
 def tqkv_rows(entry):
-    """{scale type: compressed tqkv row} of one shape (rows of f16-scale runs end in " s16")."""
+    """{scale type: compressed tqkv row} of one shape."""
     out = {}
     for r in entry["rows"]:
         impl = r["impl"]
         if not impl.startswith("tqkv ") or "tq" not in impl[5:] or "error" in r:
             continue
-        out.setdefault("f16" if impl.endswith(" s16") else "f32", r)
+        out.setdefault("f16" if impl.endswith(row_suffix("f16")) else "f32", r)
     return out
 
 
 def floor_row(entry, scale):
-    name = "read floor s16" if scale == "f16" else "read floor"
+    name = "read floor" + row_suffix(scale)
     return next((r for r in entry["rows"] if r["impl"] == name and "error" not in r), None)
 
 
