@@ -37,7 +37,7 @@ nlohmann::json bench_one(const BenchOptions& o, uint32_t kt, uint32_t vt, const 
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.context);
   cfg.k_type = static_cast<tqkv_type>(kt);
   cfg.v_type = static_cast<tqkv_type>(vt);
-  if (o.scale_f16) cfg.scale_dtype = TQKV_SCALE_F16;
+  cfg.scale_dtype = scale_dtype(o.scale_f16);
   Cache cache(cfg);
   // Fill in chunks so the input buffer stays small whatever the context.
   std::mt19937_64 rng(seed);
@@ -144,7 +144,7 @@ nlohmann::json bench_attention(const BenchOptions& o) {
     for (auto& x : q) x = nd(rng);
     result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads}, {"kv_heads", o.kv_heads},
                        {"context", o.context}, {"batch", o.batch},     {"threads", o.threads},
-                       {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", o.scale_f16 ? "f16" : "f32"}};
+                       {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", scale_name(o.scale_f16)}};
     for (size_t i = 0; i < caches.size(); ++i) {
       if (!o.quiet)
         ::fmt::print(stderr, "bench: {} ({}/{}) ...\n", type_name(caches[i].first) + "/" + type_name(caches[i].second),
@@ -248,7 +248,7 @@ nlohmann::json append_row(const AppendBenchOptions& o, uint64_t bytes_per_token,
   nlohmann::json r;
   r["shape"] = {{"dim", o.dim},   {"kv_heads", o.kv_heads}, {"tokens", o.tokens},   {"batch", o.batch},
                 {"dtype", o.dtype}, {"backend", o.backend}, {"repeats", o.repeats}, {"k_type", type_name(o.kbits)},
-                {"v_type", type_name(o.vbits)}, {"scale_dtype", o.scale_f16 ? "f16" : "f32"}};
+                {"v_type", type_name(o.vbits)}, {"scale_dtype", scale_name(o.scale_f16)}};
   r["us"] = med;
   r["us_min"] = us.front();
   r["bytes_in"] = uint64_t(in_bytes);
@@ -285,7 +285,7 @@ nlohmann::json bench_append(const AppendBenchOptions& o) {
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.tokens);
   cfg.k_type = static_cast<tqkv_type>(o.kbits);
   cfg.v_type = static_cast<tqkv_type>(o.vbits);
-  if (o.scale_f16) cfg.scale_dtype = TQKV_SCALE_F16;
+  cfg.scale_dtype = scale_dtype(o.scale_f16);
   Cache cache(cfg);
   const size_t n = size_t(o.batch) * o.tokens * o.kv_heads * o.dim;
   const auto k = random_input(n, dt, 1), v = random_input(n, dt, 2);

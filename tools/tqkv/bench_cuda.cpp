@@ -249,7 +249,7 @@ nlohmann::json bench_one(const BenchOptions& o, Shared& sh, uint32_t kt, uint32_
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.context);
   cfg.k_type = static_cast<tqkv_type>(kt);
   cfg.v_type = static_cast<tqkv_type>(vt);
-  if (o.scale_f16) cfg.scale_dtype = TQKV_SCALE_F16;
+  cfg.scale_dtype = scale_dtype(o.scale_f16);
   cfg.backend = TQKV_BACKEND_CUDA;
   Cache cache(cfg);
   const cudaStream_t st = sh.stream.s;
@@ -370,7 +370,7 @@ nlohmann::json bench_attention_cuda(const BenchOptions& o, const std::vector<std
   result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads},         {"kv_heads", o.kv_heads},
                      {"context", o.context}, {"batch", o.batch},             {"threads", o.threads},
                      {"backend", o.backend}, {"repeats", o.repeats},         {"graph_calls", o.graph_calls}, {"fill", o.fill},
-                     {"scale_dtype", o.scale_f16 ? "f16" : "f32"},
+                     {"scale_dtype", scale_name(o.scale_f16)},
                      {"device", std::string(sh.gpu.prop.name)}, {"l2_bytes", l2}, {"flush_bytes", sh.flush->bytes()}};
   nlohmann::json rows = nlohmann::json::array();
   for (size_t i = 0; i < caches.size(); ++i) {
@@ -439,7 +439,7 @@ nlohmann::json append_cuda_timed(const AppendBenchOptions& o, const Gpu& gpu) {
   cfg.dims(o.dim, o.kv_heads).seqs(o.batch, keep ? o.tokens * (o.repeats + 1) : o.tokens);
   cfg.k_type = static_cast<tqkv_type>(o.kbits);
   cfg.v_type = static_cast<tqkv_type>(o.vbits);
-  if (o.scale_f16) cfg.scale_dtype = TQKV_SCALE_F16;
+  cfg.scale_dtype = scale_dtype(o.scale_f16);
   cfg.backend = TQKV_BACKEND_CUDA;
   Cache cache(cfg);
   check(tqkv_cache_set_stream(cache.get(), stream.s));

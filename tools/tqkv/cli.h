@@ -62,6 +62,10 @@ nlohmann::json bench_attention_cuda(const BenchOptions& o, const std::vector<std
 nlohmann::json bench_append_cuda(const AppendBenchOptions& o);
 #endif
 
+// --scale-f16 of the bench commands: the caches' scale type, and its name in their JSON.
+inline tqkv_scale_dtype scale_dtype(bool f16) { return f16 ? TQKV_SCALE_F16 : TQKV_SCALE_F32; }
+inline const char* scale_name(bool f16) { return f16 ? "f16" : "f32"; }
+
 // Parses a cache type given as bits (2, 3, 4, 8) or as 16 / 32 / f16 / f32.
 uint32_t parse_type(const std::string& s, const char* flag);
 std::string type_name(uint32_t type);

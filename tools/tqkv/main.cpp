@@ -40,6 +40,11 @@ int run_default() {
   return 0;
 }
 
+// The same flag on every command that builds a cache.
+void add_scale_flag(CLI::App* cmd, bool& f16) {
+  cmd->add_flag("--scale-f16", f16, "store TurboQuant row scales as f16 (default f32)");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -91,7 +96,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   attn->add_option("--read-bw-gbps", bo.read_bw_gbps, "measured memory read bandwidth in GB/s; adds frac_of_read_bw")
       ->capture_default_str();
-  attn->add_flag("--scale-f16", bo.scale_f16, "store TurboQuant row scales as f16 (default f32)");
+  add_scale_flag(attn, bo.scale_f16);
   attn->add_flag("--json", bo.json, "print JSON");
 
   cli::AppendBenchOptions ao;
@@ -111,7 +116,7 @@ int main(int argc, char** argv) {
   app_bench->add_option("--warmup", ao.warmup, "untimed calls first")->capture_default_str();
   app_bench->add_option("--repeats", ao.repeats, "timed calls (median reported)")->capture_default_str();
   app_bench->add_option("--read-bw-gbps", ao.read_bw_gbps, "measured memory read bandwidth in GB/s")->capture_default_str();
-  app_bench->add_flag("--scale-f16", ao.scale_f16, "store TurboQuant row scales as f16 (default f32)");
+  add_scale_flag(app_bench, ao.scale_f16);
   app_bench->add_flag("--json", ao.json, "print JSON");
   app_bench->add_flag("--async", ao.async,
                       "cuda: time --repeats asynchronous appends queued back to back (stream time per append; "
@@ -139,7 +144,7 @@ int main(int argc, char** argv) {
   ppl->add_option("--cache-v", pc.cache_v, "V cache type (same names)")->capture_default_str();
   ppl->add_option("--policy", pc.cache.policy, "per-layer overrides, e.g. first2=tq8,last2=tq8,10-12=f16/tq4");
   ppl->add_option("--k-center", pc.cache.center, "center TurboQuant keys (exact; 1 or 0)")->capture_default_str();
-  ppl->add_flag("--scale-f16", pc.cache.scale_f16, "store TurboQuant row scales as f16");
+  add_scale_flag(ppl, pc.cache.scale_f16);
   ppl->add_option("--compare", pc.compare, "several cache types in one run, e.g. f16,q4_0-rot,tq8/tq4,tq4");
   ppl->add_option("--threads", pc.threads, "threads (0 = all)")->capture_default_str();
   ppl->add_flag("--json", pc.json, "print JSON");
@@ -153,7 +158,7 @@ int main(int argc, char** argv) {
   gen->add_option("--cache-v", gc.cache_v, "V cache type")->capture_default_str();
   gen->add_option("--policy", gc.cache.policy, "per-layer overrides");
   gen->add_option("--k-center", gc.cache.center, "center TurboQuant keys (exact; 1 or 0)")->capture_default_str();
-  gen->add_flag("--scale-f16", gc.cache.scale_f16, "store TurboQuant row scales as f16");
+  add_scale_flag(gen, gc.cache.scale_f16);
   gen->add_option("--temp", gc.temperature, "sampling temperature (0 = greedy)")->capture_default_str();
   gen->add_option("--seed", gc.seed, "sampling seed")->capture_default_str();
   gen->add_option("--threads", gc.threads, "threads (0 = all)")->capture_default_str();
