@@ -423,6 +423,7 @@ void attend(const tqkv_cache_config& cfg, const DeviceCache& dev, const AttendCa
   p.ring = cfg.layout == TQKV_LAYOUT_RING;
   p.mask = call.mask;
   p.window = call.window;
+  p.order_zero = 0;  // see AttnKernelParams: a zero the kernel compiles as unknown
   p.scale = call.scale;
   p.softcap = call.softcap;
   p.k_scale_f16 = k.scale_f16 && fmt::is_tq(k.type);

@@ -37,6 +37,7 @@ struct AttnKernelParams {
   int prefetch;  // lut kernel launched as a programmatic dependent: L2 hints before the wait
   int smem_floor;  // host only: the lut kernel's launch takes at least this much shared memory
   uint32_t window;
+  uint32_t order_zero;  // always 0, unknown to the compilers: orders the lut kernel's loads (load)
   float scale, softcap;
   int k_scale_f16, v_scale_f16, centered;
   HalfBytes k_tab, v_tab;  // f16 centroid tables for 2/3/4-bit types, built on the host

@@ -67,6 +67,15 @@ __device__ __forceinline__ uint32_t lookup(const uint8_t* tab, uint32_t lane_off
   return *reinterpret_cast<const uint32_t*>(tab + prmt(w, lane_off, 0x5504u | (J << 4)));
 }
 
+// w & zero, where zero is 0 at run time (AttnKernelParams::order_zero): a value that exists only
+// once w has arrived. Volatile, so it is computed where it is written, on every path (inside a
+// branch, the paths around it would wait for w later, and for every load issued meanwhile).
+__device__ __forceinline__ uint32_t arrived(uint32_t w, uint32_t zero) {
+  uint32_t r;
+  asm volatile("and.b32 %0, %1, %2;" : "=r"(r) : "r"(w), "r"(zero));
+  return r;
+}
+
 // (a & 0x0F0F0F0F) | (b & 0xF0F0F0F0) in one instruction.
 __device__ __forceinline__ uint32_t select_nibbles(uint32_t a, uint32_t b) {
   uint32_t r;
