@@ -68,8 +68,9 @@ __device__ __forceinline__ uint32_t lookup(const uint8_t* tab, uint32_t lane_off
 }
 
 // w & zero, where zero is 0 at run time (AttnKernelParams::order_zero): a value that exists only
-// once w has arrived. Volatile, so it is computed where it is written, on every path (inside a
-// branch, the paths around it would wait for w later, and for every load issued meanwhile).
+// once w has arrived. Volatile keeps nvcc from moving it; ptxas still sank it into a branch that
+// alone used it (the path around the branch then waited for w later, and for every load issued
+// meanwhile), so the kernel uses it in the branch's condition.
 __device__ __forceinline__ uint32_t arrived(uint32_t w, uint32_t zero) {
   uint32_t r;
   asm volatile("and.b32 %0, %1, %2;" : "=r"(r) : "r"(w), "r"(zero));
