@@ -307,6 +307,34 @@ TEST(CudaAttention, F16ScalesEveryVariant) {
     }
 }
 
+// The packed D = 128 loop takes its chunks through shared-memory stages (attn_lut_stage.cuh):
+// per-row copies for partial chunks and ring slots that wrap inside a chunk (odd capacities),
+// f16 scales copied as the 4-byte word that holds them, in either half (odd capacities put a KV
+// head's rows at either parity), and the V rows' swizzle; one wrong row would show here.
+TEST(CudaAttention, StagedChunksRingsAndScaleHalves) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  for (bool f16 : {false, true})
+    for (uint32_t g : {1u, 2u, 4u}) {
+      Case c;
+      c.hkv = 3;
+      c.g = g;
+      c.f16_scale = f16;
+      c.lens = {int64_t(2 * (4097 + rng() % 3000) + 1), int64_t(1 + rng() % 40), 16, 17, int64_t(9000 + rng() % 999)};
+      c.cap = uint32_t(*std::max_element(c.lens.begin(), c.lens.end()) | 1);  // odd: heads at either parity
+      c.mask = g == 2 ? Mask::none : Mask::causal;
+      run(c);
+      Case w = c;
+      w.ring = true;
+      w.cap = g == 4 ? 1001 : 9003;  // not a multiple of 16: chunks wrap inside
+      w.lens = {int64_t(w.cap) * 3 + int64_t(rng() % 500), int64_t(w.cap) - 1, 15, int64_t(w.cap) + 9};
+      w.mask = Mask::window;
+      w.window = w.cap - uint32_t(rng() % 7);
+      w.random_qpos = g == 1;
+      run(w);
+    }
+}
+
 // D = 256 and 512 on the 4-bit pair: each row is split over 2 warps that add their partial
 // scores (the table-lookup kernel's slices), or at D = 256 with at most 2 heads per KV head taken
 // whole in two halves (WideHeadsInHalves below). Long enough (>= 8192) that pick() takes that kernel

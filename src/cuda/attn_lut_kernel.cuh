@@ -32,6 +32,7 @@
 
 #include "cuda/attn_common.cuh"
 #include "cuda/attn_lut_ops.cuh"
+#include "cuda/attn_lut_stage.cuh"
 
 namespace tqkv::cuda {
 namespace lut {
@@ -76,7 +77,13 @@ constexpr bool kSepMerge = PACK && (D <= 128 || TWIN);
 // columns by zeroing the other half's weights. A warp's chunk is then the packed D = 128 chunk
 // (2 KB, the same registers and mma count) with no partial scores through shared memory and no
 // barrier per chunk, where slices of 128 (below) need both.
-template <int D, bool SEP = false, bool TWIN = false>
+// STAGED (the packed D = 128 variant): each warp's chunks come through two stages of shared
+// memory (attn_lut_stage.cuh); the merge rows of a warp reuse its own stages after its loop.
+// (TWIN, whose chunks have the same shape, was 6% faster so with f16 scales and level or slower
+// with f32 ones, where it spilled: kernel notes, step 84.)
+template <int D, bool PACK, bool TWIN = false>
+constexpr bool kStaged = PACK && !TWIN && D == 128;
+template <int D, bool SEP = false, bool TWIN = false, bool STAGED = false>
 struct Layout {
   static constexpr int DS = TWIN ? D / 2 : kSlice<D>;   // coordinates per warp (TWIN: per half)
   static constexpr int NS = TWIN ? 1 : D / DS;          // warps per group (slices of a row)
@@ -97,7 +104,10 @@ struct Layout {
   __host__ __device__ static constexpr int mcol(int c) { return kPadRuns ? c + (c / kRun) * 4 : c; }
   static_assert(!kPadRuns || (kRun % 4 == 0 && kHeadStride % 32 == 4), "merge layout");
   static constexpr int kMergeHeads = SEP ? int(TWIN ? kTwinMaxHeads : kPackMaxHeads) : kHeadsPerBlock;
-  static constexpr int kMerge = kGroups * kMergeHeads * kHeadStride * 4;
+  static constexpr int kStagesWarp = 2 * kStageBytes;
+  // Floats from one group's merge rows to the next (STAGED: a warp's own stages).
+  static constexpr int kGroupFloats = STAGED ? kStagesWarp / 4 : kMergeHeads * kHeadStride;
+  static constexpr int kMerge = STAGED ? kWarps * kStagesWarp : kGroups * kGroupFloats * 4;
   static constexpr int kMergeAt = SEP ? kTableBytes : 0;  // byte offset of the merge buffer
   static constexpr int kQ = (D / 16) * 32 * 16;         // uint4 per (k-step, lane)
   static constexpr int kXWarp = 32 * 16;                        // one warp's partial scores: a float4 per lane
@@ -106,6 +116,7 @@ struct Layout {
   static constexpr int kRegion = SEP ? kTableBytes + kMerge : kTableBytes > kMerge ? kTableBytes : kMerge;
   static constexpr int kBytes = kRegion + kQ + kX + kMisc;
   static_assert(kWarps % NS == 0, "whole groups per block");
+  static_assert(!STAGED || (SEP && NS == 1 && D == 128 && kMergeHeads * kHeadStride * 4 <= kStagesWarp), "staged layout");
 };
 
 template <int D, bool SF16>
@@ -130,7 +141,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // One head per lane in the loop (see the query's columns below): halves the softmax's work per
   // chunk and takes a shuffle off its chain.
   constexpr bool ONEH = PACK && !TWIN && D != 256;
-  using Lay = Layout<D, SEP, TWIN>;
+  constexpr bool STAGED = kStaged<D, PACK, TWIN>;
+  using Lay = Layout<D, SEP, TWIN, STAGED>;
   constexpr int R = TWIN ? kRows / 2 : kRows;  // rows per warp step
   constexpr int DS = Lay::DS, NS = Lay::NS, G = Lay::kGroups;
   using Ch = Chunk<DS, SF16>;
@@ -297,11 +309,40 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   int rel = grp * R;
   uint32_t s0 = p.ring ? uint32_t((my_lo + rel) % int64_t(cap)) : uint32_t(my_lo + rel);
   Ch cur, nxt;
-  if (rel < n_my) load(cur, rel, s0, 0u);
+  auto advance = [&](uint32_t x) {
+    x += uint32_t(step);
+    if (p.ring)
+      while (x >= cap) x -= cap;
+    return x;
+  };
+  // STAGED: the warp's chunks through its two stages (attn_lut_stage.cuh).
+  const Stages<SF16> stg(uint32_t(__cvta_generic_to_shared(smem + Lay::kMergeAt)) + uint32_t(warp * Lay::kStagesWarp),
+                         lane, p, row_base, n_my);
+  // Chunk rel (slot s0) from stage offset so into c, then the stage refilled with the chunk two on.
+  // One commit group per chunk, empty or not, so that waiting for all but the latest group
+  // always waits for exactly this chunk.
+  auto fetch = [&](auto& c, uint32_t so, int rel, uint32_t s0) {  // generic: only STAGED instantiates it
+    cp_async_wait<1>();
+    __syncwarp();
+    stg.read(c, so, rel, s0);
+    __syncwarp();
+    if (rel + 2 * step < n_my) stg.issue(so, rel + 2 * step, advance(advance(s0)));
+    cp_async_commit();
+  };
+  if constexpr (STAGED) {
+    if (rel < n_my) stg.issue(0u, rel, s0);
+    cp_async_commit();
+    if (rel + step < n_my) stg.issue(uint32_t(kStageBytes), rel + step, advance(s0));
+    cp_async_commit();
+  } else if (rel < n_my) {
+    load(cur, rel, s0, 0u);
+  }
 
   // ---- prologue: each warp rotates and scales one query head ----
   query_finish<D, true, DS, kQSwz>(p, warp, lane, sg, qin, q_hl, q_unscale, bias);
   __syncthreads();
+  if constexpr (STAGED)
+    if (rel < n_my) fetch(cur, 0u, rel, s0);
 
   // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to a slice of
   // 128, the lo parts only at 64 (more would spill at 128 registers); the rest are read from
@@ -553,12 +594,21 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   };
 
   // Two chunks per trip so the loaded registers alternate without copies.
-  auto advance = [&](uint32_t x) {
-    x += uint32_t(step);
-    if (p.ring)
-      while (x >= cap) x -= cap;
-    return x;
-  };
+  if constexpr (STAGED) {
+    while (rel < n_my) {
+      const int rel1 = rel + step;
+      const uint32_t s1 = advance(s0);
+      if (rel1 < n_my) fetch(nxt, uint32_t(kStageBytes), rel1, s1);
+      compute(cur, rel);
+      if (rel1 >= n_my) break;
+      rel = rel1 + step;
+      s0 = advance(s1);
+      if (rel < n_my) fetch(cur, 0u, rel, s0);
+      compute(nxt, rel1);
+    }
+    cp_async_wait<0>();  // every copy was read; the merge reuses the stages
+    __syncwarp();
+  } else
   while (rel < n_my) {
     const int rel1 = rel + step;
     const uint32_t s1 = advance(s0);
@@ -609,8 +659,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       wl[warp * kHeadsPerBlock + hd + 1] = l1;
     }
   }
-  constexpr int MH = Lay::kMergeHeads;
-  float* mw = merge + grp * MH * Lay::kHeadStride;
+  float* mw = merge + grp * Lay::kGroupFloats;
   // Without SEP: every warp must be done with the tables, which the merge buffer reuses, and
   // the outputs are rescaled to the block's maxima before they are stored. With SEP they are
   // stored as they are and the threads that add the groups rescale them (group_factors).
@@ -670,7 +719,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        const float4 m = *reinterpret_cast<const float4*>(merge + (g * MH + head) * Lay::kHeadStride + Lay::mcol(coord));
+        const float4 m = *reinterpret_cast<const float4*>(merge + g * Lay::kGroupFloats + head * Lay::kHeadStride + Lay::mcol(coord));
         sum.x = fmaf(m.x, fg[g], sum.x);
         sum.y = fmaf(m.y, fg[g], sum.y);
         sum.z = fmaf(m.z, fg[g], sum.z);
@@ -685,7 +734,7 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       group_factors(head, fg);
       float sum = 0.0f;
 #pragma unroll
-      for (int g = 0; g < G; ++g) sum = fmaf(merge[(g * MH + head) * Lay::kHeadStride + Lay::mcol(coord)], fg[g], sum);
+      for (int g = 0; g < G; ++g) sum = fmaf(merge[g * Lay::kGroupFloats + head * Lay::kHeadStride + Lay::mcol(coord)], fg[g], sum);
       po[head * head_stride + coord] = bad ? nanv : sum;
     }
   }
@@ -713,7 +762,7 @@ constexpr int kMinBlocks = kSlice<D> <= 128 ? 2 : 1;
 // from the same template arguments, so that the two cannot disagree.
 template <int D, bool PACK, bool TWIN = false>
 struct Variant {
-  static constexpr int kBytes = Layout<D, kSepMerge<D, PACK, TWIN>, TWIN>::kBytes;
+  static constexpr int kBytes = Layout<D, kSepMerge<D, PACK, TWIN>, TWIN, kStaged<D, PACK, TWIN>>::kBytes;
   static void launch(const AttnKernelParams& p, dim3 grid, cudaStream_t stream, bool pdl) {
     constexpr int MB = kMinBlocks<D>;
     const int bytes = std::max(kBytes, p.smem_floor);
