@@ -341,8 +341,6 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // ---- prologue: each warp rotates and scales one query head ----
   query_finish<D, true, DS, kQSwz>(p, warp, lane, sg, qin, q_hl, q_unscale, bias);
   __syncthreads();
-  if constexpr (STAGED)
-    if (rel < n_my) fetch(cur, 0u, rel, s0);
 
   // The query's hi parts (PACK: this lane's column, hi or lo) stay in registers up to a slice of
   // 128, the lo parts only at 64 (more would spill at 128 registers); the rest are read from
@@ -593,18 +591,17 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
   };
 
-  // Two chunks per trip so the loaded registers alternate without copies.
+  // STAGED: one chunk of registers, read from its stage at the chunk's start (the second buffer
+  // of the loop below cost more than the exposed shared-memory read: kernel notes, step 84).
+  // Otherwise two chunks per trip so the loaded registers alternate without copies.
   if constexpr (STAGED) {
+    uint32_t so = 0u;
     while (rel < n_my) {
-      const int rel1 = rel + step;
-      const uint32_t s1 = advance(s0);
-      if (rel1 < n_my) fetch(nxt, uint32_t(kStageBytes), rel1, s1);
+      fetch(cur, so, rel, s0);
       compute(cur, rel);
-      if (rel1 >= n_my) break;
-      rel = rel1 + step;
-      s0 = advance(s1);
-      if (rel < n_my) fetch(cur, 0u, rel, s0);
-      compute(nxt, rel1);
+      so = uint32_t(kStageBytes) - so;
+      rel += step;
+      s0 = advance(s0);
     }
     cp_async_wait<0>();  // every copy was read; the merge reuses the stages
     __syncwarp();

@@ -6,8 +6,8 @@
 // more than one in flight at a wait (step 80 ordered the loads so that that one is not lost);
 // on the H200 a warp's chunk then took a loaded memory round trip (~1.4 us) where its compute
 // takes ~0.8. cp.async groups are waited for by count: chunk j goes through stage j & 1, which
-// the warp refills with chunk j + 2 right after reading chunk j into registers, so each chunk
-// has two chunks' compute to arrive.
+// the warp refills with chunk j + 2 right after reading chunk j into registers at the start of
+// its compute, so each chunk has two chunks' compute to arrive.
 //
 // Lane l copies 16-byte pieces of the chunk's K rows and of its V rows (L1 bypassed) to stage
 // offsets 16l and 16l + 512 of each plane's part, and one scale (4 bytes, the least a copy
