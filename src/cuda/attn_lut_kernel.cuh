@@ -1,7 +1,8 @@
-// Decode attention for 4-bit TurboQuant K and V (head_dim 64-512) with no shared-memory
-// staging and no per-tile block barriers: every warp streams its own chunks (16 rows; 8 with
-// TWIN) from global memory straight into registers, in the byte order the mma fragments want,
-// and keeps its own running max, sum and output; the block merges its warps once at the end.
+// Decode attention for 4-bit TurboQuant K and V (head_dim 64-512) with no per-tile block
+// barriers: every warp streams its own chunks (16 rows; 8 with TWIN) from global memory into
+// registers, in the byte order the mma fragments want (the packed D = 128 variant through two
+// shared-memory stages of its own, attn_lut_stage.cuh), and keeps its own running max, sum and
+// output; the block merges its warps once at the end.
 //
 // Why (docs/cuda-kernel-notes.md, "The table-lookup kernel"): the tile kernel (attn_kernel.cuh) spent ~950
 // instructions per warp per 16 rows, a third of them on the 4-bit decode with byte permutes
