@@ -316,7 +316,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       while (x >= cap) x -= cap;
     return x;
   };
-  // STAGED: the warp's chunks through its two stages (attn_lut_stage.cuh).
+  // STAGED: the warp's chunks through its two stages (attn_lut_stage.cuh; unused, and dropped by
+  // the compiler, in the other variants).
   const Stages<SF16> stg(uint32_t(__cvta_generic_to_shared(smem + Lay::kMergeAt)) + uint32_t(warp * Lay::kStagesWarp),
                          lane, p, row_base, n_my);
   // Chunk rel (slot s0) from stage offset so into c, then the stage refilled with the chunk two on.
@@ -592,8 +593,8 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
     }
   };
 
-  // STAGED: one chunk of registers, read from its stage at the chunk's start (the second buffer
-  // of the loop below cost more than the exposed shared-memory read: kernel notes, step 84).
+  // STAGED: one chunk of registers, read from its stage at the chunk's start (two, alternating as
+  // in the loop below, cost more than that exposed shared-memory read: kernel notes, step 84).
   // Otherwise two chunks per trip so the loaded registers alternate without copies.
   if constexpr (STAGED) {
     uint32_t so = 0u;
