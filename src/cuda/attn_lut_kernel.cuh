@@ -78,8 +78,9 @@ constexpr bool kSepMerge = PACK && (D <= 128 || TWIN);
 // columns by zeroing the other half's weights. A warp's chunk is then the packed D = 128 chunk
 // (2 KB, the same registers and mma count) with no partial scores through shared memory and no
 // barrier per chunk, where slices of 128 (below) need both.
-// STAGED (the packed D = 128 variant): each warp's chunks come through two stages of shared
-// memory (attn_lut_stage.cuh); the merge rows of a warp reuse its own stages after its loop.
+// STAGED (the packed D = 128 variant): each warp's chunks come through three stages of shared
+// memory (attn_lut_stage.cuh): two here, whose space the warp's merge rows reuse after its
+// loop, and one in the table's unused upper halves.
 // (TWIN, whose chunks have the same shape, was 6% faster so with f16 scales and level or slower
 // with f32 ones, where it spilled: kernel notes, step 84.)
 template <int D, bool PACK, bool TWIN = false>
@@ -316,25 +317,30 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
       while (x >= cap) x -= cap;
     return x;
   };
-  // STAGED: the warp's chunks through its two stages (attn_lut_stage.cuh; unused, and dropped by
-  // the compiler, in the other variants).
+  // STAGED: the warp's chunks through its three stages (attn_lut_stage.cuh; unused, and dropped
+  // by the compiler, in the other variants).
+  static_assert(kWarps * kStagePieces <= 256, "stage 2 of every warp in the table's upper halves");
   const Stages<SF16> stg(uint32_t(__cvta_generic_to_shared(smem + Lay::kMergeAt)) + uint32_t(warp * Lay::kStagesWarp),
-                         lane, p, row_base, n_my);
-  // Chunk rel (slot s0) from stage offset so into c, then the stage refilled with the chunk two on.
-  // One commit group per chunk, empty or not, so that waiting for all but the latest group
+                         uint32_t(__cvta_generic_to_shared(smem)) + uint32_t(warp * kStagePieces * 256 + 128), lane, p,
+                         row_base, n_my);
+  // Chunk rel (slot s0) from stage SI into c, then the stage refilled with the chunk three on.
+  // One commit group per chunk, empty or not, so that waiting for all but the latest two groups
   // always waits for exactly this chunk.
-  auto fetch = [&](auto& c, uint32_t so, int rel, uint32_t s0) {  // generic: only STAGED instantiates it
-    cp_async_wait<1>();
+  auto fetch = [&](auto& c, auto sc, int rel, uint32_t s0) {  // generic: only STAGED instantiates it
+    constexpr int SI = decltype(sc)::value;
+    cp_async_wait<2>();
     __syncwarp();
-    stg.read(c, so, rel, s0);
+    stg.template read<SI>(c, rel, s0);
     __syncwarp();
-    if (rel + 2 * step < n_my) stg.issue(so, rel + 2 * step, advance(advance(s0)));
+    if (rel + 3 * step < n_my) stg.template issue<SI>(rel + 3 * step, advance(advance(advance(s0))));
     cp_async_commit();
   };
   if constexpr (STAGED) {
-    if (rel < n_my) stg.issue(0u, rel, s0);
+    if (rel < n_my) stg.template issue<0>(rel, s0);
     cp_async_commit();
-    if (rel + step < n_my) stg.issue(uint32_t(kStageBytes), rel + step, advance(s0));
+    if (rel + step < n_my) stg.template issue<1>(rel + step, advance(s0));
+    cp_async_commit();
+    if (rel + 2 * step < n_my) stg.template issue<2>(rel + 2 * step, advance(advance(s0)));
     cp_async_commit();
   } else if (rel < n_my) {
     load(cur, rel, s0, 0u);
@@ -594,16 +600,20 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   };
 
   // STAGED: one chunk of registers, read from its stage at the chunk's start (two, alternating as
-  // in the loop below, cost more than that exposed shared-memory read: kernel notes, step 84).
+  // in the loop below, cost more than that exposed shared-memory read: kernel notes, step 84);
+  // three chunks per trip, one per stage, so that each stage's addresses are fixed.
   // Otherwise two chunks per trip so the loaded registers alternate without copies.
   if constexpr (STAGED) {
-    uint32_t so = 0u;
-    while (rel < n_my) {
-      fetch(cur, so, rel, s0);
+    auto chunk = [&](auto si) {
+      if (rel >= n_my) return false;
+      fetch(cur, si, rel, s0);
       compute(cur, rel);
-      so = uint32_t(kStageBytes) - so;
       rel += step;
       s0 = advance(s0);
+      return true;
+    };
+    while (chunk(std::integral_constant<int, 0>{}) && chunk(std::integral_constant<int, 1>{}) &&
+           chunk(std::integral_constant<int, 2>{})) {
     }
     cp_async_wait<0>();  // every copy was read; the merge reuses the stages
     __syncwarp();
