@@ -43,6 +43,33 @@ struct AttnKernelParams {
   HalfBytes k_tab, v_tab;  // f16 centroid tables for 2/3/4-bit types, built on the host
 };
 
+// cp.async, global -> shared: 16 bytes bypassing L1, 4 bytes through it (the least a copy takes).
+// The tile kernel's forms take a generic pointer and zero-fill invalid rows (read nothing); the
+// table-lookup kernel's take a shared-window address and always copy.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;  // 0: zero-fill, read nothing
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const uint8_t* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const uint8_t* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+// No memory clobber: the shared-memory reads after a wait are volatile asm (or follow a barrier),
+// which the compiler keeps in order with it.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
 // Programmatic dependent launch (sm_90; no-ops before). The combine and the table-lookup kernel
 // are launched as programmatic dependents of the stream's previous kernel (launch_ex): their
 // blocks may be scheduled while that kernel finishes, do only work that reads nothing produced

@@ -1,6 +1,6 @@
 // Decode attention for 4-bit TurboQuant K and V (head_dim 64-512) with no per-tile block
 // barriers: every warp streams its own chunks (16 rows; 8 with TWIN) from global memory into
-// registers, in the byte order the mma fragments want (the packed D = 128 variant through two
+// registers, in the byte order the mma fragments want (the packed D = 128 variant through three
 // shared-memory stages of its own, attn_lut_stage.cuh), and keeps its own running max, sum and
 // output; the block merges its warps once at the end.
 //
