@@ -24,8 +24,8 @@ for k, v in COMMON + RARE:
         body += "#endif\n"
     body += "}  // namespace tqkv::cuda\n"
     (out / f"attn_k{NAME[k]}_v{NAME[v]}.cu").write_text(body)
-# The 4-bit pair's table-lookup kernel (attn_lut_kernel.cuh), head_dim 64/128/256/512.
-lut = header + '#include "cuda/attn_lut_kernel.cuh"\n\nnamespace tqkv::cuda {\n'
+# The 4-bit pair's table-lookup kernel (attn_lut_kernel.cuh, launched from attn_lut_launch.cuh), head_dim 64/128/256/512.
+lut = header + '#include "cuda/attn_lut_launch.cuh"\n\nnamespace tqkv::cuda {\n'
 lut += "".join(f"TQKV_INSTANTIATE_ATTN_LUT({d})\n" for d in (64, 128, 256, 512))
 lut += "}  // namespace tqkv::cuda\n"
 (out / "attn_lut_ktq4_vtq4.cu").write_text(lut)

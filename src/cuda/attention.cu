@@ -12,7 +12,7 @@
 #include "core/format.h"
 #include "cuda/attention.h"
 #include "cuda/attn_kernel.cuh"
-#include "cuda/attn_lut_kernel.cuh"
+#include "cuda/attn_lut_launch.cuh"
 #include "cuda/check.cuh"
 #include "cuda/warp_fwht.cuh"
 
