@@ -112,7 +112,7 @@ struct Stages {
     cp_async4(bs, reinterpret_cast<const uint8_t*>(uintptr_t(sc) & ~uintptr_t(3)));
   }
 
-  // Chunk rel (slot s0) from the stage at offset so into the registers the kernel computes on.
+  // Chunk rel (slot s0) from stage S into the registers the kernel computes on.
   template <int S, class Ch>
   __device__ __forceinline__ void read(Ch& c, int rel, uint32_t s0) const {
     constexpr uint32_t M = S == 2 ? 2 : 1, so = S == 1 ? uint32_t(kStageBytes) : 0u;
