@@ -34,7 +34,7 @@ struct Timing {
 
 nlohmann::json bench_one(const BenchOptions& o, uint32_t kt, uint32_t vt, const std::vector<float>& q, uint64_t seed) {
   CacheConfig cfg;
-  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.context);
+  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.capacity ? o.capacity : o.context);
   cfg.k_type = static_cast<tqkv_type>(kt);
   cfg.v_type = static_cast<tqkv_type>(vt);
   cfg.scale_dtype = scale_dtype(o.scale_f16);
@@ -116,6 +116,9 @@ nlohmann::json bench_attention(const BenchOptions& o) {
   check_cuda_type(o.backend, o.vbits, "--vbits");
   if (o.context == 0) invalid("--context: must be >= 1");
   if (o.batch == 0) invalid("--batch: must be >= 1");
+  if (o.capacity != 0 && o.capacity < o.context)
+    invalid("--capacity: " + std::to_string(o.capacity) + " is less than --context (" + std::to_string(o.context) +
+            "); allowed: 0 (the context) or >= --context");
   if (o.repeats == 0) invalid("--repeats: must be >= 1");
   if (o.graph_calls == 0) invalid("--graph-calls: must be >= 1");
   if (o.fill != "append" && o.fill != "copy") invalid("--fill: '" + o.fill + "' is not a fill mode; allowed: append, copy");
@@ -143,7 +146,7 @@ nlohmann::json bench_attention(const BenchOptions& o) {
     std::vector<float> q(size_t(o.batch) * o.q_heads * o.dim);
     for (auto& x : q) x = nd(rng);
     result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads}, {"kv_heads", o.kv_heads},
-                       {"context", o.context}, {"batch", o.batch},     {"threads", o.threads},
+                       {"context", o.context}, {"capacity", o.capacity ? o.capacity : o.context}, {"batch", o.batch},     {"threads", o.threads},
                        {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", scale_name(o.scale_f16)}};
     for (size_t i = 0; i < caches.size(); ++i) {
       if (!o.quiet)

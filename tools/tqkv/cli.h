@@ -24,6 +24,7 @@ void print_codec_table(const std::vector<nlohmann::json>& rows);
 struct BenchOptions {
   std::string backend = "cpu";
   uint32_t dim = 128, q_heads = 32, kv_heads = 8, context = 16384, batch = 1;
+  uint32_t capacity = 0;  // rows allocated per sequence (0: the context); more leaves room the calls never read
   uint32_t kbits = 4, vbits = 4, threads = 0;
   uint32_t warmup = 3, repeats = 15;
   uint32_t graph_calls = 20;  // cuda: attend calls captured into one graph

@@ -84,6 +84,9 @@ int main(int argc, char** argv) {
   attn->add_option("--kv-heads", bo.kv_heads, "KV heads")->capture_default_str();
   attn->add_option("--context", bo.context, "positions per sequence")->capture_default_str();
   attn->add_option("--batch", bo.batch, "sequences")->capture_default_str();
+  attn->add_option("--capacity", bo.capacity,
+                   "rows allocated per sequence, >= --context (0: the context); shifts where each sequence's rows start")
+      ->capture_default_str();
   attn->add_option("--kbits", kbits, "K type: 2, 3, 4, 8, f16, f32")->capture_default_str();
   attn->add_option("--vbits", vbits, "V type: 2, 3, 4, 8, f16, f32")->capture_default_str();
   attn->add_option("--threads", bo.threads, "threads (0 = all)")->capture_default_str();
