@@ -326,21 +326,27 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   // Chunk rel (slot s0) from stage SI into c, then the stage refilled with the chunk three on.
   // One commit group per chunk, empty or not, so that waiting for all but the latest two groups
   // always waits for exactly this chunk.
-  auto fetch = [&](auto& c, auto sc, int rel, uint32_t s0) {  // generic: only STAGED instantiates it
+  // s3: the slot of chunk rel + 3 step, which refills the stage, advanced with s0 once a chunk:
+  // three advances from s0 there (with the ring's wrap each) took ~13 more instructions a chunk
+  // and the lane's stage address rebuilt from the thread index (kernel notes, step 85).
+  auto fetch = [&](auto& c, auto sc, int rel, uint32_t s0, uint32_t s3) {  // generic: only STAGED instantiates it
     constexpr int SI = decltype(sc)::value;
     cp_async_wait<2>();
     __syncwarp();
     stg.template read<SI>(c, rel, s0);
     __syncwarp();
-    if (rel + 3 * step < n_my) stg.template issue<SI>(rel + 3 * step, advance(advance(advance(s0))));
+    if (rel + 3 * step < n_my) stg.template issue<SI>(rel + 3 * step, s3);
     cp_async_commit();
   };
+  uint32_t s3 = 0;
   if constexpr (STAGED) {
+    const uint32_t s1 = advance(s0), s2 = advance(s1);
+    s3 = advance(s2);
     if (rel < n_my) stg.template issue<0>(rel, s0);
     cp_async_commit();
-    if (rel + step < n_my) stg.template issue<1>(rel + step, advance(s0));
+    if (rel + step < n_my) stg.template issue<1>(rel + step, s1);
     cp_async_commit();
-    if (rel + 2 * step < n_my) stg.template issue<2>(rel + 2 * step, advance(advance(s0)));
+    if (rel + 2 * step < n_my) stg.template issue<2>(rel + 2 * step, s2);
     cp_async_commit();
   } else if (rel < n_my) {
     load(cur, rel, s0, 0u);
@@ -606,10 +612,11 @@ __global__ void __launch_bounds__(kThreads, MINB) attn_lut_kernel(const AttnKern
   if constexpr (STAGED) {
     auto chunk = [&](auto si) {
       if (rel >= n_my) return false;
-      fetch(cur, si, rel, s0);
+      fetch(cur, si, rel, s0, s3);
       compute(cur, rel);
       rel += step;
       s0 = advance(s0);
+      s3 = advance(s3);
       return true;
     };
     while (chunk(std::integral_constant<int, 0>{}) && chunk(std::integral_constant<int, 1>{}) &&
