@@ -24,6 +24,8 @@
 #include "core/half.h"
 #include "test_util.h"
 #ifdef TQKV_TEST_CUDA
+#include "cuda/attention.h"
+#include "cuda/device_cache.h"
 #include "cuda_test_util.h"
 #endif
 
@@ -456,6 +458,32 @@ TEST(CudaAttention, LongContexts) {
   d5.kt = Type::tq8;
   d5.vt = Type::tq3;
   run(d5);
+}
+
+// More (sequence, KV head) blocks than one split each fills the device's block slots once:
+// 17 x 8 = 136 blocks a split against two slots per SM on a 132-SM card, so the split count
+// spreads a call over several waves of blocks (splits_for in src/cuda/attention.cu). Every
+// split of a sequence past its length is empty; the combine must still merge exactly the rest.
+TEST(CudaAttention, SplitsOverSeveralWaves) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.hkv = 8;
+  c.g = 4;
+  c.lens = {8192, 1, 5000, 8191, 300, 7777, 129, 4096, 8000, 16, 6500, 2048, 8100, 999, 7000, 3333, 8192};
+  c.mask = Mask::none;
+  {
+    CacheConfig cfg;
+    cfg.dims(c.d, c.hkv).types(c.kt, c.vt).seqs(uint32_t(c.lens.size()), 8192);
+    Cache meta(cfg);
+    const cuda::DeviceCache dev(api::unwrap(meta.get()));
+    const uint64_t blocks = uint64_t(cuda::num_splits(dev, cfg, c.hkv * c.g, 8192)) * c.lens.size() * c.hkv;
+    std::printf("  %u SMs: %llu blocks\n", unsigned(dev.sm_count()), static_cast<unsigned long long>(blocks));
+    EXPECT_GT(blocks, 2 * uint64_t(dev.sm_count())) << "the call should take more than one wave of two blocks per SM";
+  }
+  run(c);
+  c.mask = Mask::causal;
+  c.random_qpos = true;
+  run(c);
 }
 
 TEST(CudaAttention, GraphReplaySeesNewLengths) {

@@ -142,13 +142,48 @@ uint64_t blocks_per_split(const tqkv_cache_config& cfg, uint32_t num_q_heads) {
   return uint64_t(cfg.num_seqs) * cfg.num_kv_heads * head_chunks(group);
 }
 
-// Splits per (sequence, KV head, head chunk) for long contexts: as many as fill the resident
-// block slots of the device exactly once (one wave, no tail of a second partial wave).
-uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
-  const uint64_t pairs = blocks_per_split(cfg, num_q_heads);
+// Resident block slots of the device for a kernel: blocks per SM x SMs.
+uint64_t block_slots(const DeviceCache& dev, const Instance& inst) {
   const uint64_t per_sm = inst ? uint64_t(inst.blocks_per_sm()) : 1;
-  const uint64_t slots = per_sm * uint64_t(std::max(1, dev.sm_count()));
-  return uint32_t(std::clamp<uint64_t>(slots / pairs, 1, 1024));
+  return per_sm * uint64_t(std::max(1, dev.sm_count()));
+}
+
+// Splits per (sequence, KV head, head chunk) that fill the resident block slots of the device
+// once (one wave, no tail of a second partial wave).
+uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
+  return uint32_t(std::clamp<uint64_t>(block_slots(dev, inst) / blocks_per_split(cfg, num_q_heads), 1, 1024));
+}
+
+// Where one wave leaves slots idle (the blocks of a split do not divide the slots), long
+// contexts may take more splits, over up to kMaxWaves waves (split_count below).
+constexpr uint64_t kMaxWaves = 4;
+uint32_t most_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
+  const uint64_t waves = kMaxWaves * block_slots(dev, inst) / blocks_per_split(cfg, num_q_heads);
+  return std::max(max_splits(dev, cfg, num_q_heads, inst), uint32_t(std::min<uint64_t>(waves, 1024)));
+}
+
+// A block's fixed cost (table build, query prologue, the merge of its warps, its partial's store
+// and the combine's read of it) in rows of its loop: ~3.7 us against ~8.6 ns a row at D = 128
+// (H200; docs/cuda-kernel-notes.md, step 85).
+constexpr int64_t kBlockCostRows = 512;
+
+// The split count for `rows` visible rows (at most `limit` splits) with the least predicted
+// time, waves x (fixed cost + rows per split), taking more than one wave's `one` only where
+// that predicts at least 5% less: one wave is what the kernels were tuned on, and a second
+// wave of the same blocks cost batch 8 ~5% (S = 32768: 4 splits 74.5 us, 8 splits 78.3).
+// Where one wave leaves slots idle it pays (H200, D = 128, Hkv 8, one wave -> this choice):
+// batch 17 S = 32768 (136 blocks a split, 264 slots, 1 split -> 5) 270 -> 190 us, batch 12
+// 141 -> 120, batch 20 S = 8192 72.5 -> 58.5, batch 9 95 -> 90 (kernel notes, step 85).
+int64_t split_count(uint64_t pairs, uint64_t slots, int64_t one, int64_t limit, int64_t rows) {
+  auto cost = [&](int64_t k) {
+    const uint64_t waves = (pairs * uint64_t(k) + slots - 1) / slots;
+    return double(waves) * double(kBlockCostRows + (rows + k - 1) / k);
+  };
+  const double base = cost(one);
+  int64_t best = one;
+  for (int64_t k = one + 1; k <= limit; ++k)
+    if (cost(k) < cost(best)) best = k;
+  return cost(best) < 0.95 * base ? best : one;
 }
 
 // Splits the workspace is laid out for: the most either kernel can use.
@@ -157,7 +192,7 @@ uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, 
   const Instance lut = pick_lut(cfg.k_type, cfg.v_type, cfg.head_dim);
   // splits_for takes at least one split per kMaxSplitRows visible rows.
   const uint32_t fewest = uint32_t((int64_t(cfg.capacity) + kMaxSplitRows - 1) / kMaxSplitRows);
-  return std::max({max_splits(dev, cfg, num_q_heads, tile), lut ? max_splits(dev, cfg, num_q_heads, lut) : 0u, fewest});
+  return std::max({most_splits(dev, cfg, num_q_heads, tile), lut ? most_splits(dev, cfg, num_q_heads, lut) : 0u, fewest});
 }
 
 // Workspace bytes before the tail that carries host q_pos and sinks.
@@ -360,7 +395,12 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
     if ((max_visible + one - 1) / one <= inst.one_block_max_rows)
       n = std::min(one, by_len(std::max<int64_t>(1, min_rows / 2)));
   }
-  return uint32_t(std::max(fewest, std::min<int64_t>(max_splits(dev, cfg, num_q_heads, inst), n)));
+  const int64_t wave = max_splits(dev, cfg, num_q_heads, inst);
+  if (n > wave) {
+    const int64_t limit = std::min<int64_t>(n, most_splits(dev, cfg, num_q_heads, inst));
+    n = split_count(pairs, block_slots(dev, inst), wave, limit, max_visible);
+  }
+  return uint32_t(std::max(fewest, n));
 }
 
 }  // namespace
