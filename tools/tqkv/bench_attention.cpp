@@ -146,8 +146,9 @@ nlohmann::json bench_attention(const BenchOptions& o) {
     std::vector<float> q(size_t(o.batch) * o.q_heads * o.dim);
     for (auto& x : q) x = nd(rng);
     result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads}, {"kv_heads", o.kv_heads},
-                       {"context", o.context}, {"capacity", o.capacity ? o.capacity : o.context}, {"batch", o.batch},     {"threads", o.threads},
-                       {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", scale_name(o.scale_f16)}};
+                       {"context", o.context}, {"batch", o.batch},     {"threads", o.threads},
+                       {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", scale_name(o.scale_f16)},
+                       {"capacity", o.capacity ? o.capacity : o.context}};
     for (size_t i = 0; i < caches.size(); ++i) {
       if (!o.quiet)
         ::fmt::print(stderr, "bench: {} ({}/{}) ...\n", type_name(caches[i].first) + "/" + type_name(caches[i].second),
