@@ -148,18 +148,15 @@ uint64_t block_slots(const DeviceCache& dev, const Instance& inst) {
   return per_sm * uint64_t(std::max(1, dev.sm_count()));
 }
 
-// Splits per (sequence, KV head, head chunk) that fill the resident block slots of the device
-// once (one wave, no tail of a second partial wave).
-uint32_t max_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
-  return uint32_t(std::clamp<uint64_t>(block_slots(dev, inst) / blocks_per_split(cfg, num_q_heads), 1, 1024));
-}
+// Splits per (sequence, KV head, head chunk) that fill `slots` resident block slots once with
+// `pairs` blocks a split (one wave, no tail of a second partial wave).
+uint32_t max_splits(uint64_t slots, uint64_t pairs) { return uint32_t(std::clamp<uint64_t>(slots / pairs, 1, 1024)); }
 
 // Where one wave leaves slots idle (the blocks of a split do not divide the slots), long
 // contexts may take more splits, over up to kMaxWaves waves (split_count below).
 constexpr uint64_t kMaxWaves = 4;
-uint32_t most_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32_t num_q_heads, const Instance& inst) {
-  const uint64_t waves = kMaxWaves * block_slots(dev, inst) / blocks_per_split(cfg, num_q_heads);
-  return std::max(max_splits(dev, cfg, num_q_heads, inst), uint32_t(std::min<uint64_t>(waves, 1024)));
+uint32_t most_splits(uint64_t slots, uint64_t pairs) {
+  return std::max(max_splits(slots, pairs), uint32_t(std::min<uint64_t>(kMaxWaves * slots / pairs, 1024)));
 }
 
 // A block's fixed cost (table build, query prologue, the merge of its warps, its partial's store
@@ -181,9 +178,13 @@ int64_t split_count(uint64_t pairs, uint64_t slots, int64_t one, int64_t limit, 
   };
   const double base = cost(one);
   int64_t best = one;
+  double best_cost = base;
   for (int64_t k = one + 1; k <= limit; ++k)
-    if (cost(k) < cost(best)) best = k;
-  return cost(best) < 0.95 * base ? best : one;
+    if (const double c = cost(k); c < best_cost) {
+      best = k;
+      best_cost = c;
+    }
+  return best_cost < 0.95 * base ? best : one;
 }
 
 // Splits the workspace is laid out for: the most either kernel can use.
@@ -192,7 +193,8 @@ uint32_t workspace_splits(const DeviceCache& dev, const tqkv_cache_config& cfg, 
   const Instance lut = pick_lut(cfg.k_type, cfg.v_type, cfg.head_dim);
   // splits_for takes at least one split per kMaxSplitRows visible rows.
   const uint32_t fewest = uint32_t((int64_t(cfg.capacity) + kMaxSplitRows - 1) / kMaxSplitRows);
-  return std::max({most_splits(dev, cfg, num_q_heads, tile), lut ? most_splits(dev, cfg, num_q_heads, lut) : 0u, fewest});
+  const uint64_t pairs = blocks_per_split(cfg, num_q_heads);
+  return std::max({most_splits(block_slots(dev, tile), pairs), lut ? most_splits(block_slots(dev, lut), pairs) : 0u, fewest});
 }
 
 // Workspace bytes before the tail that carries host q_pos and sinks.
@@ -395,11 +397,9 @@ uint32_t splits_for(const DeviceCache& dev, const tqkv_cache_config& cfg, uint32
     if ((max_visible + one - 1) / one <= inst.one_block_max_rows)
       n = std::min(one, by_len(std::max<int64_t>(1, min_rows / 2)));
   }
-  const int64_t wave = max_splits(dev, cfg, num_q_heads, inst);
-  if (n > wave) {
-    const int64_t limit = std::min<int64_t>(n, most_splits(dev, cfg, num_q_heads, inst));
-    n = split_count(pairs, block_slots(dev, inst), wave, limit, max_visible);
-  }
+  const uint64_t slots = block_slots(dev, inst);
+  const int64_t wave = max_splits(slots, pairs);
+  if (n > wave) n = split_count(pairs, slots, wave, std::min<int64_t>(n, most_splits(slots, pairs)), max_visible);
   return uint32_t(std::max(fewest, n));
 }
 
