@@ -34,7 +34,7 @@ struct Timing {
 
 nlohmann::json bench_one(const BenchOptions& o, uint32_t kt, uint32_t vt, const std::vector<float>& q, uint64_t seed) {
   CacheConfig cfg;
-  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.capacity ? o.capacity : o.context);
+  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.rows_per_seq());
   cfg.k_type = static_cast<tqkv_type>(kt);
   cfg.v_type = static_cast<tqkv_type>(vt);
   cfg.scale_dtype = scale_dtype(o.scale_f16);
@@ -148,7 +148,7 @@ nlohmann::json bench_attention(const BenchOptions& o) {
     result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads}, {"kv_heads", o.kv_heads},
                        {"context", o.context}, {"batch", o.batch},     {"threads", o.threads},
                        {"backend", o.backend}, {"repeats", o.repeats}, {"scale_dtype", scale_name(o.scale_f16)},
-                       {"capacity", o.capacity ? o.capacity : o.context}};
+                       {"capacity", o.rows_per_seq()}};
     for (size_t i = 0; i < caches.size(); ++i) {
       if (!o.quiet)
         ::fmt::print(stderr, "bench: {} ({}/{}) ...\n", type_name(caches[i].first) + "/" + type_name(caches[i].second),

@@ -246,7 +246,7 @@ void add_read_floor(const BenchOptions& o, Shared& sh, uint64_t bytes, nlohmann:
 
 nlohmann::json bench_one(const BenchOptions& o, Shared& sh, uint32_t kt, uint32_t vt) {
   CacheConfig cfg;
-  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.capacity ? o.capacity : o.context);
+  cfg.dims(o.dim, o.kv_heads).seqs(o.batch, o.rows_per_seq());
   cfg.k_type = static_cast<tqkv_type>(kt);
   cfg.v_type = static_cast<tqkv_type>(vt);
   cfg.scale_dtype = scale_dtype(o.scale_f16);
@@ -368,7 +368,7 @@ nlohmann::json bench_attention_cuda(const BenchOptions& o, const std::vector<std
 
   nlohmann::json result;
   result["shape"] = {{"dim", o.dim},         {"q_heads", o.q_heads},         {"kv_heads", o.kv_heads},
-                     {"context", o.context}, {"capacity", o.capacity ? o.capacity : o.context},
+                     {"context", o.context}, {"capacity", o.rows_per_seq()},
                      {"batch", o.batch},     {"threads", o.threads},
                      {"backend", o.backend}, {"repeats", o.repeats},         {"graph_calls", o.graph_calls}, {"fill", o.fill},
                      {"scale_dtype", scale_name(o.scale_f16)},

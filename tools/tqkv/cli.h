@@ -32,6 +32,7 @@ struct BenchOptions {
   double read_bw_gbps = 0;    // the card's (or host's) measured read bandwidth; 0 = not known
   bool scale_f16 = false;     // TurboQuant row scales stored as f16 (2 bytes a row instead of 4)
   bool json = false, quiet = false;
+  uint32_t rows_per_seq() const { return capacity ? capacity : context; }  // the caches' capacity
 };
 // Times the compressed cache and the dense caches (cpu: f32 and f16; cuda: f16) on one shape in
 // one process.
